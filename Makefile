@@ -1,0 +1,43 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+LEGACY_VENV := .venv-legacy
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+LEGACY_STAMP := $(LEGACY_VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-main test-legacy bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+# The legacy backend (tflite-runtime 2.14 needs NumPy < 2; wheels stop at CPython 3.11).
+$(LEGACY_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(LEGACY_VENV)
+	$(LEGACY_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LEGACY_VENV)/bin/python -m pip install -q -e '.[legacy,modelgen]' pytest pytest-timeout hypothesis psutil
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/edge-runtime demo
+
+test: test-main test-legacy
+
+test-main: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-legacy:
+	@if $(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info < (3, 12) else 1)'; then \
+		$(MAKE) $(LEGACY_STAMP) && \
+		EDGEFLEET_BACKEND=tflite_runtime $(LEGACY_VENV)/bin/python -m pytest -q -m legacy $(PYTEST_ARGS); \
+	else echo "test-legacy: skipped, tflite-runtime has no wheels for this Python"; fi
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) $(LEGACY_VENV) build *.egg-info .pytest_cache

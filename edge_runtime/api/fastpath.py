@@ -1,0 +1,126 @@
+"""The fast path: predictions over a Unix socket with `.npy` tensors (see ``framing``).
+
+One thread per connection, many requests per connection. The socket file is created 0660
+so that only the runtime's user and group (the applications allowed to call models) can
+connect. Requests:
+
+    {"op": "predict", "model": NAME, "inputs": [NAMES]} + tensors
+        → {"ok": true, "model": NAME, "version": V, "outputs": [NAMES]} + tensors
+    {"op": "metadata", "model": NAME}  → {"ok": true, "metadata": {...}}
+    {"op": "models"}                    → {"ok": true, "models": [...]}
+    {"op": "ping"}                      → {"ok": true}
+
+An error answers ``{"ok": false, "error": {"type", "message", ...}}``; a malformed frame is
+answered once, then the connection is closed, since the stream position is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import socketserver
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.api import framing
+from edge_runtime.engine import Engine
+from edge_runtime.errors import EdgeRuntimeError, InputError
+
+log = logging.getLogger(__name__)
+SOCKET_MODE = 0o660
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: FastPathServer
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        while not self.server.closing.is_set():
+            try:
+                header, tensors = framing.recv_frame(sock, max_frame=self.server.max_frame)
+            except framing.PeerClosed:
+                return
+            except (framing.FrameError, OSError) as exc:
+                with contextlib.suppress(OSError):
+                    framing.send_frame(sock, _error("bad_frame", str(exc)))
+                return
+            reply, out = self.server.dispatch(header, tensors)
+            try:
+                framing.send_frame(sock, reply, out)
+            except OSError:
+                return
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"type": code, "message": message}}
+
+
+class FastPathServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = False
+
+    def __init__(self, path: str | os.PathLike[str], engine: Engine, *, max_frame: int = framing.DEFAULT_MAX_FRAME) -> None:
+        self.path = Path(path)
+        self.engine = engine
+        self.max_frame = max_frame
+        self.closing = threading.Event()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # a stale socket from a previous run
+        old_umask = os.umask(0o117)  # no window in which the socket is wider than 0660
+        try:
+            super().__init__(str(self.path), _Handler)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, SOCKET_MODE)
+        self._thread: threading.Thread | None = None
+
+    def dispatch(self, header: dict[str, Any], tensors: list[np.ndarray]) -> tuple[dict[str, Any], list[np.ndarray]]:
+        op = header.get("op")
+        try:
+            if op == "predict":
+                return self._predict(header, tensors)
+            if op == "metadata":
+                model = self.engine.get(str(header.get("model")))
+                return {"ok": True, "metadata": model.describe()}, []
+            if op == "models":
+                return {"ok": True, "models": [m.describe() for m in self.engine.models()]}, []
+            if op == "ping":
+                return {"ok": True}, []
+            return _error("bad_request", f"unknown op {op!r}; expected predict, metadata, models or ping"), []
+        except EdgeRuntimeError as exc:
+            return {"ok": False, "error": exc.to_dict()}, []
+        except Exception as exc:  # a bug must not take the connection thread down silently
+            log.exception("fast path request failed")
+            return _error("internal", f"{type(exc).__name__}: {exc}"), []
+
+    def _predict(self, header: dict[str, Any], tensors: list[np.ndarray]) -> tuple[dict[str, Any], list[np.ndarray]]:
+        name = str(header.get("model"))
+        names = header.get("inputs")
+        if names is None:
+            feeds: Any = tensors
+        elif isinstance(names, list) and len(names) == len(tensors) and all(isinstance(n, str) for n in names):
+            feeds = dict(zip(names, tensors))
+        else:
+            raise InputError(f"'inputs' must list one name per tensor ({len(tensors)} tensors sent)")
+        version, outputs = self.engine.predict_versioned(name, feeds)
+        return (
+            {"ok": True, "model": name, "version": version, "outputs": list(outputs)},
+            list(outputs.values()),
+        )
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.serve_forever, name="fastpath", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.closing.set()
+        self.shutdown()
+        self.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

@@ -1,0 +1,171 @@
+"""The engine: named models, each served by one loaded version, swapped without a gap.
+
+Hot swap follows TF Serving's availability-preserving policy: build and warm the new
+version's interpreters while the old one keeps serving, then replace one reference. A call
+that already took the old reference finishes on the old version; the old interpreters are
+freed when the last such call returns. No lock is held while a model loads, so no call
+waits for a load.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.engine.backends import Backend, load_backend
+from edge_runtime.engine.pool import InterpreterPool
+from edge_runtime.engine.signature import Feeds, Signature
+from edge_runtime.errors import InputError, ModelNotFound
+
+_LATENCY_WINDOW = 4096
+
+
+@dataclass
+class ModelStats:
+    """Per-model counters since the model name was first served (they survive swaps)."""
+
+    calls: int = 0
+    errors: int = 0
+    latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=_LATENCY_WINDOW))
+
+    def percentiles(self) -> dict[str, float]:
+        if not self.latencies_s:
+            return {}
+        ms = np.fromiter(self.latencies_s, dtype=np.float64) * 1e3
+        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+        return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One model version, loaded and warm, ready to be activated."""
+
+    name: str
+    version: str
+    path: str
+    pool: InterpreterPool
+    loaded_at: float
+    load_seconds: float
+
+    @property
+    def signature(self) -> Signature:
+        return self.pool.signature
+
+    def predict(self, inputs: Feeds, *, coerce: bool = False) -> dict[str, np.ndarray]:
+        feeds = self.signature.feeds(inputs, coerce=coerce)
+        outs = self.pool.run(feeds)
+        return {spec.name: out for spec, out in zip(self.signature.outputs, outs)}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "signature": self.signature.to_dict(),
+            "pool_size": self.pool.size,
+            "loaded_at": self.loaded_at,
+            "load_seconds": round(self.load_seconds, 4),
+        }
+
+
+class Engine:
+    """Serves predictions for named models; thread-safe."""
+
+    def __init__(self, *, backend: Backend | None = None, pool_size: int = 2, num_threads: int = 1) -> None:
+        """
+        Raises:
+            BackendUnavailable: no interpreter package is importable.
+        """
+        self.backend = backend or load_backend()
+        self.pool_size = pool_size
+        self.num_threads = num_threads
+        self._active: dict[str, LoadedModel] = {}
+        self._stats: dict[str, ModelStats] = {}
+        self._write_lock = threading.Lock()
+
+    def load(self, name: str, version: str, path: str | os.PathLike[str], *, warm_up: bool = True) -> LoadedModel:
+        """Build (and warm) a version without serving it yet.
+
+        Raises:
+            ModelFileError: the file cannot be loaded.
+        """
+        start = time.perf_counter()
+        pool = InterpreterPool(self.backend, path, size=self.pool_size, num_threads=self.num_threads)
+        if warm_up:
+            pool.warm_up()
+        return LoadedModel(
+            name=name,
+            version=version,
+            path=str(path),
+            pool=pool,
+            loaded_at=time.time(),
+            load_seconds=time.perf_counter() - start,
+        )
+
+    def activate(self, model: LoadedModel) -> LoadedModel | None:
+        """Serve ``model`` from now on; return the version it replaced."""
+        with self._write_lock:
+            old = self._active.get(model.name)
+            self._active[model.name] = model
+            self._stats.setdefault(model.name, ModelStats())
+        return old
+
+    def swap(self, name: str, version: str, path: str | os.PathLike[str]) -> LoadedModel:
+        """Load, warm, then activate; the old version serves until the last moment."""
+        model = self.load(name, version, path)
+        self.activate(model)
+        return model
+
+    def unload(self, name: str) -> LoadedModel | None:
+        with self._write_lock:
+            return self._active.pop(name, None)
+
+    def get(self, name: str) -> LoadedModel:
+        """
+        Raises:
+            ModelNotFound: no version of ``name`` is active.
+        """
+        model = self._active.get(name)
+        if model is None:
+            served = ", ".join(sorted(self._active)) or "none"
+            raise ModelNotFound(f"model {name!r} is not served here (served: {served})")
+        return model
+
+    def names(self) -> list[str]:
+        return sorted(self._active)
+
+    def models(self) -> list[LoadedModel]:
+        return [self._active[n] for n in sorted(self._active)]
+
+    def stats(self, name: str) -> ModelStats:
+        return self._stats.setdefault(name, ModelStats())
+
+    def predict(self, name: str, inputs: Feeds, *, coerce: bool = False) -> dict[str, np.ndarray]:
+        """Run the active version of ``name``.
+
+        Raises:
+            ModelNotFound: no version of ``name`` is active.
+            InputError: the inputs do not match the model's signature.
+        """
+        return self.predict_versioned(name, inputs, coerce=coerce)[1]
+
+    def predict_versioned(
+        self, name: str, inputs: Feeds, *, coerce: bool = False
+    ) -> tuple[str, dict[str, np.ndarray]]:
+        """``predict`` that also says which version answered (swaps happen between calls)."""
+        model = self.get(name)  # one reference read: this call stays on this version
+        stats = self._stats[name]
+        start = time.perf_counter()
+        try:
+            out = model.predict(inputs, coerce=coerce)
+        except InputError:
+            stats.errors += 1
+            raise
+        stats.calls += 1
+        stats.latencies_s.append(time.perf_counter() - start)
+        return model.version, out
