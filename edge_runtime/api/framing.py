@@ -61,7 +61,9 @@ def encode(header: dict[str, Any], tensors: Sequence[np.ndarray] = ()) -> list[b
         raise FrameError(f"{len(tensors)} tensors in one frame, at most {MAX_TENSORS}")
     parts: list[bytes | memoryview] = [_PREFIX.pack(MAGIC, len(head), len(tensors)) + head]
     for arr in tensors:
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr)
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")  # ascontiguousarray would turn a 0-d array into 1-d
         npy = npy_header(arr)
         parts.append(_LEN.pack(len(npy) + arr.nbytes) + npy)
         if arr.nbytes:

@@ -119,7 +119,7 @@ def _check(spec: TensorSpec, value: Any, coerce: bool) -> np.ndarray:
         raise InputError(
             f"input {spec.name!r}: expected shape {list(spec.shape)}, got {list(arr.shape)}"
         )
-    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
 def _coerce(spec: TensorSpec, value: Any) -> np.ndarray:
