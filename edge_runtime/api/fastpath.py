@@ -33,6 +33,7 @@ from edge_runtime.errors import EdgeRuntimeError, InputError
 
 log = logging.getLogger(__name__)
 SOCKET_MODE = 0o660
+_DRAIN_LIMIT = 1024 * 1024
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -48,12 +49,26 @@ class _Handler(socketserver.BaseRequestHandler):
             except (framing.FrameError, OSError) as exc:
                 with contextlib.suppress(OSError):
                     framing.send_frame(sock, _error("bad_frame", str(exc)))
+                    _linger_close(sock)
                 return
             reply, out = self.server.dispatch(header, tensors)
             try:
                 framing.send_frame(sock, reply, out)
             except OSError:
                 return
+
+
+def _linger_close(sock: socket.socket) -> None:
+    """Half-close, then drop what the peer still sends (bounded), so that it reads our
+    error instead of a connection reset caused by unread bytes."""
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(1.0)
+    left = _DRAIN_LIMIT
+    while left > 0:
+        chunk = sock.recv(min(left, 65536))
+        if not chunk:
+            return
+        left -= len(chunk)
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

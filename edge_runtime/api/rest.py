@@ -28,6 +28,7 @@ from edge_runtime.errors import EdgeRuntimeError, InputError, ModelNotFound
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+_DRAIN_LIMIT = 16 * 1024 * 1024
 _MODEL_RE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?P<rest>/metadata|:predict)?$")
 
 
@@ -183,6 +184,25 @@ class _Handler(BaseHTTPRequestHandler):
         elif length:
             self.close_connection = True
 
+    def handle_expect_100(self) -> bool:
+        """Refuse an announced oversized body before the client sends it."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        if length > self.server.max_body:
+            self.close_connection = True
+            self._fail(413, "too_large", f"body of {length} bytes exceeds the limit of {self.server.max_body}")
+            return False
+        return super().handle_expect_100()
+
+    def _discard(self, n: int) -> None:
+        while n > 0:
+            chunk = self.rfile.read(min(n, 65536))
+            if not chunk:
+                return
+            n -= len(chunk)
+
     def _read_json(self) -> Any:
         raw_len = self.headers.get("Content-Length")
         if raw_len is None:
@@ -194,7 +214,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise HTTPError(400, "bad_request", f"bad Content-Length {raw_len!r}") from None
         if length > self.server.max_body:
-            self.close_connection = True  # the unread body would be parsed as the next request
+            # Read (and drop) a bounded amount so the client, still sending, sees the 413
+            # instead of a broken pipe; past that, close: the rest is not worth reading.
+            self._discard(min(length, _DRAIN_LIMIT))
+            self.close_connection = True
             raise HTTPError(413, "too_large", f"body of {length} bytes exceeds the limit of {self.server.max_body}")
         raw = self.rfile.read(length)
         try:

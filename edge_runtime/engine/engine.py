@@ -21,7 +21,7 @@ import numpy as np
 from edge_runtime.engine.backends import Backend, load_backend
 from edge_runtime.engine.pool import InterpreterPool
 from edge_runtime.engine.signature import Feeds, Signature
-from edge_runtime.errors import InputError, ModelNotFound
+from edge_runtime.errors import InputError, ModelNotFound, ModelUnavailable
 
 _LATENCY_WINDOW = 4096
 
@@ -86,6 +86,9 @@ class Engine:
         self.num_threads = num_threads
         self._active: dict[str, LoadedModel] = {}
         self._stats: dict[str, ModelStats] = {}
+        # Names the store holds but that are not serving (loading, or their load failed):
+        # callers get 503 with the reason rather than a misleading 404.
+        self._unavailable: dict[str, str] = {}
         self._write_lock = threading.Lock()
 
     def load(self, name: str, version: str, path: str | os.PathLike[str], *, warm_up: bool = True) -> LoadedModel:
@@ -113,7 +116,14 @@ class Engine:
             old = self._active.get(model.name)
             self._active[model.name] = model
             self._stats.setdefault(model.name, ModelStats())
+            self._unavailable.pop(model.name, None)
         return old
+
+    def mark_unavailable(self, name: str, reason: str) -> None:
+        """Answer calls to ``name`` with 503 and ``reason`` until a version is activated."""
+        with self._write_lock:
+            if name not in self._active:
+                self._unavailable[name] = reason
 
     def swap(self, name: str, version: str, path: str | os.PathLike[str]) -> LoadedModel:
         """Load, warm, then activate; the old version serves until the last moment."""
@@ -123,15 +133,20 @@ class Engine:
 
     def unload(self, name: str) -> LoadedModel | None:
         with self._write_lock:
+            self._unavailable.pop(name, None)
             return self._active.pop(name, None)
 
     def get(self, name: str) -> LoadedModel:
         """
         Raises:
             ModelNotFound: no version of ``name`` is active.
+            ModelUnavailable: the store holds ``name`` but it is loading or failed to load.
         """
         model = self._active.get(name)
         if model is None:
+            reason = self._unavailable.get(name)
+            if reason is not None:
+                raise ModelUnavailable(f"model {name!r} is not serving yet: {reason}")
             served = ", ".join(sorted(self._active)) or "none"
             raise ModelNotFound(f"model {name!r} is not served here (served: {served})")
         return model

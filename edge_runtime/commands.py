@@ -1,0 +1,143 @@
+"""``edge-runtime`` commands that work on a data dir: serve, install, models, rollback, activate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.console import emit_json, table
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from edge_runtime.store import ModelStore
+
+    return ModelStore(args.data_dir, quota_bytes=getattr(args, "quota_bytes", None))
+
+
+def _installer(args: argparse.Namespace) -> Any:
+    from edge_runtime.engine import Engine, load_backend
+    from edge_runtime.installer import Installer
+
+    return Installer(_store(args), Engine(backend=load_backend(args.backend), pool_size=1))
+
+
+def _parse_rest(value: str) -> tuple[str, int | None]:
+    if value in ("off", "none", ""):
+        return "127.0.0.1", None
+    host, _, port = value.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edge_runtime.runtime import Runtime, ServeConfig
+
+    host, port = _parse_rest(args.rest)
+    config = ServeConfig(data_dir=args.data_dir, rest_host=host, rest_port=port, socket_path=args.socket,
+                         pool_size=args.pool_size, num_threads=args.num_threads, backend=args.backend,
+                         quota_bytes=args.quota_bytes)
+    runtime = Runtime(config)
+
+    def ready(rt: Runtime) -> None:
+        # One JSON line on stdout: scripts and tests wait for it instead of guessing.
+        emit_json({"event": "ready", **rt.endpoints()})
+        sys.stdout.flush()
+
+    runtime.run_until_signal(on_ready=ready)
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from edge_runtime.health import HealthCheck
+
+    health = None
+    if args.health_sample:
+        health = HealthCheck.from_files(args.health_sample, expected=args.health_expected, atol=args.atol,
+                                        latency_budget_ms=args.latency_budget_ms)
+    result = _installer(args).install_file(args.name, args.version, args.file, expected_sha256=args.sha256, health=health)
+    info = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    if args.json:
+        emit_json(info)
+    else:
+        print(f"installed {args.name} {args.version}: active")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    store = _store(args)
+    rows = store.models()
+    problems = store.fsck() if args.verify else []
+    if args.json:
+        emit_json({"models": rows, **({"problems": problems} if args.verify else {})})
+    else:
+        table(["model", "active", "previous", "sha256", "size", "last install"],
+              [[r["name"], r.get("active"), ",".join(r.get("previous") or []) or None,
+                (r.get("sha256") or "")[:12] or None, r.get("size"), r.get("last_result_summary")] for r in rows])
+        if args.verify:
+            print("store ok" if not problems else "problems:\n  " + "\n  ".join(problems))
+    return 1 if problems else 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    result = _installer(args).rollback(args.name)
+    emit_json(result) if args.json else print(f"{args.name}: rolled back, active version {result['active']}")
+    return 0
+
+
+def cmd_activate(args: argparse.Namespace) -> int:
+    result = _installer(args).activate_version(args.name, args.version)
+    emit_json(result) if args.json else print(f"{args.name}: active version {args.version}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edge_runtime.demo import run_demo
+
+    return run_demo(data_dir=args.data_dir, as_json=args.json)
+
+
+def register(command: Any) -> None:
+    def data_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", type=Path, required=True, help="the runtime's state directory")
+        p.add_argument("--quota-bytes", type=int, default=None, help="disk quota for model blobs")
+
+    p = command("serve", "serve the store's models over REST and the fast path (no MQTT)")
+    data_dir(p)
+    p.add_argument("--rest", default="127.0.0.1:8501", help="HOST:PORT for REST, or 'off'")
+    p.add_argument("--socket", type=Path, default=None, help="fast-path socket (default DATA_DIR/run/api.sock)")
+    p.add_argument("--pool-size", type=int, default=2, help="interpreters per model")
+    p.add_argument("--num-threads", type=int, default=1, help="threads per interpreter")
+    p.set_defaults(fn=cmd_serve)
+
+    p = command("install", "install a .tflite file into the store and make it active")
+    p.add_argument("file", type=Path)
+    data_dir(p)
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--sha256", help="refuse the file unless its sha256 is this")
+    p.add_argument("--health-sample", type=Path, help=".npy/.npz sample input for the health check")
+    p.add_argument("--health-expected", type=Path, help=".npy/.npz expected output for the sample")
+    p.add_argument("--atol", type=float, default=1e-3)
+    p.add_argument("--latency-budget-ms", type=float, default=None)
+    p.set_defaults(fn=cmd_install)
+
+    p = command("models", "list the store's models")
+    data_dir(p)
+    p.add_argument("--verify", action="store_true", help="also check every blob's hash")
+    p.set_defaults(fn=cmd_models)
+
+    p = command("rollback", "make a model's previous version active again")
+    p.add_argument("name")
+    data_dir(p)
+    p.set_defaults(fn=cmd_rollback)
+
+    p = command("activate", "make an installed version active")
+    p.add_argument("name")
+    p.add_argument("version")
+    data_dir(p)
+    p.set_defaults(fn=cmd_activate)
+
+    p = command("demo", "device-side demo: build, install, serve, call, hot-swap, refuse, roll back")
+    p.add_argument("--data-dir", type=Path, default=None, help="keep the demo's state here (default: a temp dir)")
+    p.set_defaults(fn=cmd_demo)

@@ -1,0 +1,186 @@
+"""The serving daemon: store + engine + local API, kept in step with the store.
+
+Start-up order matters for an offline device: recover any install a crash interrupted, then
+start the API at once (models still loading answer 503, not "connection refused"), then
+load every active version. After that a watcher follows the store: when another process
+(``edge-runtime install``/``rollback``, later the MQTT agent) changes what is active, the
+new version is loaded and warmed in the watcher thread and swapped in; callers never wait.
+
+The decision of what to load or unload is ``plan_sync``, a pure function over plain data.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_runtime.api import FastPathServer, RestServer
+from edge_runtime.engine import Engine, load_backend
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.installer import Installer
+from edge_runtime.store import ModelStore
+from edge_runtime.store.state import StoreState
+
+log = logging.getLogger(__name__)
+
+
+class ServeConfig(BaseModel):
+    """What ``edge-runtime serve`` needs; validated at start so a bad value names its field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: Path
+    rest_host: str = "127.0.0.1"
+    rest_port: Optional[int] = Field(default=8501, ge=0, le=65535)  # None: no REST
+    socket_path: Optional[Path] = None  # default: DATA_DIR/run/api.sock
+    pool_size: int = Field(default=2, ge=1, le=64)
+    num_threads: int = Field(default=1, ge=1, le=64)
+    backend: Optional[str] = None
+    quota_bytes: Optional[int] = Field(default=None, gt=0)
+    keep_previous: int = Field(default=1, ge=1, le=16)
+    watch_interval_s: float = Field(default=0.5, gt=0, le=60)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+
+    @property
+    def socket(self) -> Path:
+        return self.socket_path or self.data_dir / "run" / "api.sock"
+
+
+@dataclass(frozen=True)
+class SyncStep:
+    action: str  # "load" or "unload"
+    name: str
+    version: str = ""
+    sha256: str = ""
+
+
+def plan_sync(state: StoreState, serving: dict[str, tuple[str, str]]) -> list[SyncStep]:
+    """What to load or unload so the engine serves exactly the store's active versions.
+
+    ``serving`` maps model name → (version, sha256) of what the engine has now.
+    """
+    steps: list[SyncStep] = []
+    for name, model in sorted(state.models.items()):
+        if model.active is None:
+            continue
+        record = model.versions.get(model.active)
+        if record is None:
+            continue
+        if serving.get(name) != (model.active, record.sha256):
+            steps.append(SyncStep("load", name, model.active, record.sha256))
+    wanted = {n for n, m in state.models.items() if m.active is not None}
+    steps.extend(SyncStep("unload", name) for name in sorted(set(serving) - wanted))
+    return steps
+
+
+class Runtime:
+    """Owns the engine, the store and the servers for one data dir."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.engine = Engine(backend=load_backend(config.backend), pool_size=config.pool_size, num_threads=config.num_threads)
+        self.store = ModelStore(config.data_dir, quota_bytes=config.quota_bytes, keep_previous=config.keep_previous)
+        self.installer = Installer(self.store, self.engine)
+        self.rest: RestServer | None = None
+        self.fast: FastPathServer | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._serving: dict[str, tuple[str, str]] = {}
+        self._revision = -1
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Recover, serve, load. Returns once models are loaded (or failed to)."""
+        self.installer.recover(load=False)
+        state = self.store.read_state()
+        for name, model in state.models.items():
+            if model.active:
+                self.engine.mark_unavailable(name, f"loading version {model.active}")
+        if self.config.rest_port is not None:
+            self.rest = RestServer(self.config.rest_host, self.config.rest_port, self.engine, max_body=self.config.max_body_bytes)
+            self.rest.start()
+        self.fast = FastPathServer(self.config.socket, self.engine, max_frame=self.config.max_body_bytes)
+        self.fast.start()
+        self.sync()
+        self._watcher = threading.Thread(target=self._watch, name="store-watch", daemon=True)
+        self._watcher.start()
+
+    def endpoints(self) -> dict[str, Any]:
+        return {"rest": self.rest.url if self.rest else None, "socket": str(self.config.socket), "models": self.engine.names(),
+                "backend": f"{self.engine.backend.name} {self.engine.backend.version}"}
+
+    def sync(self) -> list[SyncStep]:
+        """Bring the engine in line with the store once; returns what it did."""
+        state = self.store.read_state()
+        self._revision = state.revision
+        # The installer may have activated a version in this process already.
+        for model in self.engine.models():
+            record = state.models.get(model.name)
+            if record and record.active == model.version and model.version in record.versions:
+                self._serving[model.name] = (model.version, record.versions[model.version].sha256)
+        steps = plan_sync(state, self._serving)
+        for step in steps:
+            if step.action == "unload":
+                self.engine.unload(step.name)
+                self._serving.pop(step.name, None)
+                log.info("unloaded %s", step.name)
+                continue
+            path = self.store.layout.blob(step.sha256)
+            try:
+                loaded = self.engine.load(step.name, step.version, path)
+            except EdgeRuntimeError as exc:
+                # Keep serving the old version if there is one; otherwise say why we cannot.
+                self.engine.mark_unavailable(step.name, f"version {step.version} failed to load: {exc}")
+                log.error("cannot load %s %s: %s", step.name, step.version, exc)
+                self._serving[step.name] = (step.version, step.sha256)  # do not retry a bad blob forever
+                continue
+            self.engine.activate(loaded)
+            self._serving[step.name] = (step.version, step.sha256)
+            log.info("serving %s version %s (loaded in %.3fs)", step.name, step.version, loaded.load_seconds)
+        return steps
+
+    def reload(self) -> None:
+        """Re-read the store now (SIGHUP)."""
+        self._wake.set()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.config.watch_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                if self.store.read_state().revision != self._revision:
+                    self.sync()
+            except EdgeRuntimeError as exc:
+                log.error("store watch: %s", exc)
+
+    def stop(self) -> None:
+        """Stop accepting, let in-flight calls finish, close the servers."""
+        self._stop.set()
+        self._wake.set()
+        if self.fast:
+            self.fast.stop()
+        if self.rest:
+            self.rest.stop()
+        if self._watcher:
+            self._watcher.join(10)
+
+    def run_until_signal(self, on_ready: Any = None) -> None:
+        """Serve until SIGTERM/SIGINT; SIGHUP re-reads the store."""
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        signal.signal(signal.SIGINT, lambda *_: done.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload())
+        self.start()
+        if on_ready:
+            on_ready(self)
+        while not done.wait(1.0):
+            pass
+        self.stop()

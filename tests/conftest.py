@@ -1,0 +1,77 @@
+"""Shared fixtures: real .tflite files written by modelgen, free ports, subprocess helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import free_port, runtime_cmd, wait_until  # noqa: F401 - re-exported for tests
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs bounded versions; EDGEFLEET_SLOW=1 (make bench) runs the slow ones too."""
+    if os.environ.get("EDGEFLEET_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set EDGEFLEET_SLOW=1 (make bench) to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def zoo(models_dir: Path) -> dict[str, Any]:
+    """Built models by name; each has .data, .save(path), .reference(inputs), .sample_inputs()."""
+    from edge_runtime.modelgen import zoo as z
+
+    return {
+        "tiny_v1": z.tiny_mlp(seed=0),
+        "tiny_v2": z.tiny_mlp(seed=0, version_bias=0.5),
+        "tiny_int8": z.tiny_mlp_int8(seed=0),
+        "multi_io": z.multi_io(seed=0),
+        "custom": z.custom_op_model(),
+    }
+
+
+@pytest.fixture(scope="session")
+def model_files(zoo: dict[str, Any], models_dir: Path) -> dict[str, Path]:
+    return {name: m.save(models_dir / f"{name}.tflite") for name, m in zoo.items()}
+
+
+@pytest.fixture(scope="session")
+def vision(models_dir: Path) -> tuple[Any, Path]:
+    from edge_runtime.modelgen import zoo as z
+
+    model = z.vision_net(seed=0)
+    return model, model.save(models_dir / "vision.tflite")
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start subprocesses that are always killed at teardown."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(cmd: list[str], **kw: Any) -> subprocess.Popen[str]:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        kw.setdefault("text", True)
+        p = subprocess.Popen(cmd, **kw)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)

@@ -1,0 +1,263 @@
+"""The engine on the real interpreter (both backends: this module also runs in the legacy venv)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_runtime.engine import Engine, inspect_model, load_backend
+from edge_runtime.engine.backends import Backend
+from edge_runtime.errors import BackendUnavailable, InputError, ModelFileError, ModelNotFound
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.legacy
+
+
+@pytest.fixture
+def engine() -> Engine:
+    return Engine(pool_size=2)
+
+
+def test_backend_order_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = load_backend()
+    assert backend.name in ("ai_edge_litert", "tflite_runtime")
+    import os
+
+    if os.environ.get("EDGEFLEET_BACKEND"):
+        assert backend.name == os.environ["EDGEFLEET_BACKEND"]
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        load_backend("tensorflow")
+
+
+def test_no_backend_names_both_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    real = importlib.import_module
+
+    def fake(name: str, *a: Any) -> Any:
+        if name.startswith(("ai_edge_litert", "tflite_runtime")):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *a)
+
+    monkeypatch.delenv("EDGEFLEET_BACKEND", raising=False)
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(BackendUnavailable) as info:
+        load_backend()
+    assert "ai-edge-litert" in str(info.value) and "tflite-runtime" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["tiny_v1", "tiny_v2", "tiny_int8", "multi_io"])
+def test_outputs_match_numpy_reference(engine: Engine, zoo: dict[str, Any], model_files: dict[str, Path], name: str) -> None:
+    built = zoo[name]
+    engine.swap(name, "1", model_files[name])
+    for seed in range(3):
+        feeds = built.sample_inputs(seed=seed)
+        got = engine.predict(name, feeds)
+        want = built.reference(feeds)
+        assert set(got) == set(want)
+        for k in want:
+            if want[k].dtype == np.int8:
+                assert np.max(np.abs(got[k].astype(int) - want[k].astype(int))) <= 2
+            else:
+                np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+def test_metadata_describes_the_signature(engine: Engine, zoo: dict[str, Any], model_files: dict[str, Path]) -> None:
+    m = engine.swap("mio", "7", model_files["multi_io"])
+    built = zoo["multi_io"]
+    assert [s.name for s in m.signature.inputs] == list(built.inputs)
+    assert [s.name for s in m.signature.outputs] == list(built.outputs)
+    for spec in m.signature.inputs:
+        assert spec.shape == tuple(built.inputs[spec.name][0])
+    q = engine.swap("q", "1", model_files["tiny_int8"]).signature.inputs[0]
+    assert q.dtype == np.int8 and q.scale > 0
+    assert m.describe()["version"] == "7"
+
+
+BAD_INPUTS = {
+    "unknown name": ({"x": "ok", "bogus": "ok"}, "unknown input 'bogus'"),
+    "missing name": ({}, "missing input 'x'"),
+    "wrong shape": ({"x": np.zeros((16,), np.float32)}, "expected shape [1, 16], got [16]"),
+    "wrong dtype": ({"x": np.zeros((1, 16), np.float64)}, "expected dtype float32, got float64"),
+    "too many positional": ([np.zeros((1, 16), np.float32)] * 2, "got 2 tensors, expected 1"),
+}
+
+
+@pytest.mark.parametrize("feeds,message", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
+def test_bad_inputs_say_expected_and_got(engine: Engine, model_files: dict[str, Path], feeds: Any, message: str) -> None:
+    engine.swap("tiny", "1", model_files["tiny_v1"])
+    if isinstance(feeds, dict):
+        feeds = {k: (np.zeros((1, 16), np.float32) if isinstance(v, str) else v) for k, v in feeds.items()}
+    with pytest.raises(InputError) as info:
+        engine.predict("tiny", feeds)
+    assert message in str(info.value)
+    assert "x float32[1, 16]" in str(info.value) or "expected" in str(info.value)
+    assert engine.stats("tiny").errors == 1
+
+
+def test_unnamed_tensor_for_multi_input_model(engine: Engine, model_files: dict[str, Path]) -> None:
+    engine.swap("mio", "1", model_files["multi_io"])
+    with pytest.raises(InputError, match="pass them by name"):
+        engine.predict("mio", np.zeros((1, 8), np.float32))
+
+
+def test_json_coercion_is_lossless_or_refused(engine: Engine, model_files: dict[str, Path]) -> None:
+    engine.swap("tiny", "1", model_files["tiny_v1"])
+    out = engine.predict("tiny", {"x": [[0.5] * 16]}, coerce=True)
+    assert out["y"].shape == (1, 4)
+    engine.swap("q", "1", model_files["tiny_int8"])
+    with pytest.raises(InputError, match="fractional"):
+        engine.predict("q", {"x": [[0.5] * 16]}, coerce=True)
+    with pytest.raises(InputError, match=r"\[-128, 127\]"):
+        engine.predict("q", {"x": [[300] * 16]}, coerce=True)
+    with pytest.raises(InputError, match="numbers"):
+        engine.predict("tiny", {"x": [["a"] * 16]}, coerce=True)
+
+
+def test_unknown_model(engine: Engine) -> None:
+    with pytest.raises(ModelNotFound, match="'nope'"):
+        engine.predict("nope", {})
+
+
+def _truncations(data: bytes) -> list[bytes]:
+    return [data[:n] for n in (0, 7, 8, 64, len(data) // 3, len(data) // 2, len(data) - 16)]
+
+
+def test_bad_files_are_refused_with_a_reason(engine: Engine, tmp_path: Path, zoo: dict[str, Any], model_files: dict[str, Path]) -> None:
+    (tmp_path / "text.tflite").write_bytes(b"this is plainly not a model file")
+    with pytest.raises(ModelFileError) as info:
+        inspect_model(str(tmp_path / "text.tflite"))
+    assert info.value.reason == "not_tflite"
+    with pytest.raises(ModelFileError) as info:
+        inspect_model(str(model_files["custom"]))
+    assert info.value.reason == "unresolved_op"
+    for i, chunk in enumerate(_truncations(zoo["tiny_v1"].data)):
+        p = tmp_path / f"cut{i}.tflite"
+        p.write_bytes(chunk)
+        with pytest.raises(ModelFileError) as info:
+            engine.swap("cut", "1", p)
+        assert info.value.reason in ("truncated", "invalid"), (len(chunk), info.value)
+    assert engine.names() == []  # nothing was installed by any refused file
+
+
+def test_pool_serves_more_threads_than_interpreters(engine: Engine, zoo: dict[str, Any], model_files: dict[str, Path]) -> None:
+    engine.swap("tiny", "1", model_files["tiny_v1"])
+    built = zoo["tiny_v1"]
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        try:
+            for i in range(40):
+                feeds = built.sample_inputs(seed=seed * 100 + i)
+                np.testing.assert_allclose(engine.predict("tiny", feeds)["y"], built.reference(feeds)["y"], rtol=1e-4, atol=1e-5)
+        except BaseException as exc:  # collected and re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[0]
+    assert engine.stats("tiny").calls == 8 * 40
+
+
+class _GatedBackend:
+    """Wraps the real backend; interpreter construction waits for ``gate`` (a slow load)."""
+
+    def __init__(self, real: Backend) -> None:
+        self.real = real
+        self.name, self.version = real.name, real.version
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def interpreter(self, path: Any, *, num_threads: int = 1) -> Any:
+        self.entered.set()
+        assert self.gate.wait(30)
+        return self.real.interpreter(path, num_threads=num_threads)
+
+
+def test_calls_keep_flowing_while_a_new_version_loads(zoo: dict[str, Any], model_files: dict[str, Path]) -> None:
+    real = load_backend()
+    engine = Engine(backend=real, pool_size=2)
+    engine.swap("tiny", "v1", model_files["tiny_v1"])
+    gated = _GatedBackend(real)
+    engine.backend = gated  # type: ignore[assignment]
+    loader = threading.Thread(target=engine.swap, args=("tiny", "v2", model_files["tiny_v2"]))
+    loader.start()
+    assert gated.entered.wait(10)
+    feeds = zoo["tiny_v1"].sample_inputs()
+    before = engine.stats("tiny").calls
+    for _ in range(25):  # the load is stuck: calls must still be answered, by v1
+        version, out = engine.predict_versioned("tiny", feeds)
+        assert version == "v1"
+        np.testing.assert_allclose(out["y"], zoo["tiny_v1"].reference(feeds)["y"], rtol=1e-4, atol=1e-5)
+    assert engine.stats("tiny").calls == before + 25
+    gated.gate.set()
+    loader.join(30)
+    version, out = engine.predict_versioned("tiny", feeds)
+    assert version == "v2"
+    np.testing.assert_allclose(out["y"], zoo["tiny_v2"].reference(feeds)["y"], rtol=1e-4, atol=1e-5)
+
+
+def test_in_flight_call_finishes_on_the_old_version(zoo: dict[str, Any], model_files: dict[str, Path]) -> None:
+    engine = Engine(pool_size=1)
+    old = engine.swap("tiny", "v1", model_files["tiny_v1"])
+    interp = old.pool._all[0]
+    in_invoke, release = threading.Event(), threading.Event()
+    real_invoke = interp.invoke
+
+    def slow_invoke() -> None:
+        in_invoke.set()
+        assert release.wait(30)
+        real_invoke()
+
+    interp.invoke = slow_invoke
+    feeds = zoo["tiny_v1"].sample_inputs()
+    result: dict[str, Any] = {}
+    caller = threading.Thread(target=lambda: result.update(zip(("version", "out"), engine.predict_versioned("tiny", feeds))))
+    caller.start()
+    assert in_invoke.wait(10)
+    engine.swap("tiny", "v2", model_files["tiny_v2"])  # does not wait for the in-flight call
+    assert engine.predict_versioned("tiny", feeds)[0] == "v2"
+    release.set()
+    caller.join(10)
+    assert result["version"] == "v1"
+    np.testing.assert_allclose(result["out"]["y"], zoo["tiny_v1"].reference(feeds)["y"], rtol=1e-4, atol=1e-5)
+
+
+def test_hot_swap_under_concurrent_load_drops_nothing(zoo: dict[str, Any], model_files: dict[str, Path]) -> None:
+    engine = Engine(pool_size=2)
+    engine.swap("tiny", "v1", model_files["tiny_v1"])
+    feeds = zoo["tiny_v1"].sample_inputs()
+    want = {v: zoo[f"tiny_{v}"].reference(feeds)["y"] for v in ("v1", "v2")}
+    stop = threading.Event()
+    seen: dict[str, int] = {"v1": 0, "v2": 0}
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            while not stop.is_set():
+                version, out = engine.predict_versioned("tiny", feeds)
+                np.testing.assert_allclose(out["y"], want[version], rtol=1e-4, atol=1e-5)
+                seen[version] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(20):
+        version = "v2" if i % 2 == 0 else "v1"
+        engine.swap("tiny", version, model_files[f"tiny_{version}"])
+        target = engine.stats("tiny").calls + 4
+        wait_until(lambda: engine.stats("tiny").calls >= target, what="calls after a swap")
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors[0]
+    assert seen["v1"] > 0 and seen["v2"] > 0
