@@ -130,7 +130,7 @@ class FastPathServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         )
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.serve_forever, name="fastpath", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="fastpath", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

@@ -118,6 +118,9 @@ def _jsonable(out: dict[str, np.ndarray]) -> Any:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body leave in two writes; without TCP_NODELAY the second waits for the
+    # client's delayed ACK (~40 ms per keep-alive request).
+    disable_nagle_algorithm = True
     server: RestServer
     server_version = "edge-runtime"
 
@@ -241,7 +244,7 @@ class RestServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.serve_forever, name="rest", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="rest", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
