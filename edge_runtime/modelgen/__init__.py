@@ -15,6 +15,7 @@ from edge_runtime.modelgen.writer import (
     Quant,
     Tensor,
     TensorDef,
+    serialize,
 )
 from edge_runtime.modelgen.zoo import (
     BuiltModel,
@@ -39,6 +40,7 @@ __all__ = [
     "custom_op_model",
     "evaluate",
     "multi_io",
+    "serialize",
     "tiny_mlp",
     "tiny_mlp_int8",
     "vision_net",

@@ -15,7 +15,7 @@ unit away per op; compare with a tolerance of a couple of quantized units.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -57,7 +57,7 @@ def evaluate(graph: Graph, inputs: Mapping[str, np.ndarray]) -> dict[str, np.nda
     return {graph.tensors[i].name: values[i] for i in graph.outputs}
 
 
-def real_value(tensor: TensorDef, stored: Optional[np.ndarray] = None) -> np.ndarray:
+def real_value(tensor: TensorDef, stored: np.ndarray | None = None) -> np.ndarray:
     """The real (float64) value of a tensor: its constant data, or ``stored``, dequantized."""
     data = tensor.data if tensor.data is not None else stored
     if data is None:

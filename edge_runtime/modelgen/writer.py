@@ -8,10 +8,9 @@ functions of the ``tflite`` package. The same IR feeds the numpy evaluator in
 computation of exactly the model it loaded.
 
 Int8 graphs. The caller always gives float weights; the builder quantizes them the
-way the TFLite converter does for full-integer models: symmetric int8 weights
-(per output channel for convolutions, per tensor for fully connected, because
-tflite-runtime 2.14 has no per-channel fully connected kernel) and int32 bias at
-``input_scale * weight_scale``. The quantization of each op output is either given
+way TFLite's full-integer post-training quantization does: symmetric int8 weights
+(per output channel for convolutions, per tensor for fully connected, which every
+runtime version can run) and int32 bias at ``input_scale * weight_scale``. The quantization of each op output is either given
 (``out_quant=``) or calibrated: every int8 input carries calibration samples
 (by default uniform over the range its quantization can represent) that the builder
 pushes through the float version of each op as the op is added; the output range is
@@ -22,11 +21,12 @@ quantization (``1/256, -128`` and "same as the input"), as the int8 kernels requ
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import flatbuffers
 import numpy as np
@@ -53,6 +53,7 @@ _BUFFER_ALIGNMENT = 16
 _CALIBRATION_SEED = 0x5EED
 # Keep the calibration pass cheap: many samples for small inputs, one for images.
 _CALIBRATION_ELEMENTS = 1 << 16
+_builder_ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,8 @@ class Quant:
     A tuple ``scale`` means per-channel quantization along ``axis`` (weights only).
     """
 
-    scale: Union[float, tuple[float, ...]]
-    zero_point: Union[int, tuple[int, ...]] = 0
+    scale: float | tuple[float, ...]
+    zero_point: int | tuple[int, ...] = 0
     axis: int = 0
 
     def __post_init__(self) -> None:
@@ -112,7 +113,8 @@ class Tensor:
     index: int
     shape: tuple[int, ...]
     dtype: np.dtype
-    quant: Optional[Quant] = None
+    quant: Quant | None = None
+    builder_id: int = field(default=0, repr=False, compare=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,8 +124,8 @@ class TensorDef:
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
-    quant: Optional[Quant] = None
-    data: Optional[np.ndarray] = None
+    quant: Quant | None = None
+    data: np.ndarray | None = None
 
     @property
     def is_constant(self) -> bool:
@@ -138,7 +140,7 @@ class OpDef:
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    custom_code: Optional[str] = None
+    custom_code: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,6 +171,7 @@ class ModelBuilder:
     """
 
     def __init__(self, *, description: str = "edgefleet modelgen") -> None:
+        self._id = next(_builder_ids)
         self._description = description
         self._tensors: list[TensorDef] = []
         self._ops: list[OpDef] = []
@@ -187,8 +190,8 @@ class ModelBuilder:
         *,
         shape: Sequence[int],
         dtype: DTypeLike = np.float32,
-        quant: Optional[Quant] = None,
-        calibration: Optional[np.ndarray] = None,
+        quant: Quant | None = None,
+        calibration: np.ndarray | None = None,
     ) -> Tensor:
         """Declare a graph input.
 
@@ -219,8 +222,6 @@ class ModelBuilder:
             raise ValueError(f"output {name!r}: a graph input cannot also be an output")
         if tensor.index in self._outputs:
             raise ValueError(f"output {name!r}: tensor is already the output {td.name!r}")
-        if td.is_constant:
-            raise ValueError(f"output {name!r}: a constant cannot be a graph output")
         if name != td.name:
             self._claim_name(name)
             self._names.discard(td.name)
@@ -234,11 +235,11 @@ class ModelBuilder:
         x: Tensor,
         *,
         filters: np.ndarray,
-        bias: Optional[np.ndarray] = None,
-        stride: Union[int, tuple[int, int]] = 1,
+        bias: np.ndarray | None = None,
+        stride: int | tuple[int, int] = 1,
         padding: PaddingMode = "SAME",
         activation: Activation = "NONE",
-        out_quant: Optional[Quant] = None,
+        out_quant: Quant | None = None,
     ) -> Tensor:
         """CONV_2D; ``filters`` is ``(out_channels, kh, kw, in_channels)``, as in TFLite."""
         self._own(x, "conv2d", rank=4)
@@ -261,12 +262,12 @@ class ModelBuilder:
         x: Tensor,
         *,
         filters: np.ndarray,
-        bias: Optional[np.ndarray] = None,
-        stride: Union[int, tuple[int, int]] = 1,
+        bias: np.ndarray | None = None,
+        stride: int | tuple[int, int] = 1,
         padding: PaddingMode = "SAME",
         depth_multiplier: int = 1,
         activation: Activation = "NONE",
-        out_quant: Optional[Quant] = None,
+        out_quant: Quant | None = None,
     ) -> Tensor:
         """DEPTHWISE_CONV_2D; ``filters`` is ``(1, kh, kw, in_channels * depth_multiplier)``."""
         self._own(x, "depthwise_conv2d", rank=4)
@@ -294,9 +295,9 @@ class ModelBuilder:
         x: Tensor,
         *,
         weights: np.ndarray,
-        bias: Optional[np.ndarray] = None,
+        bias: np.ndarray | None = None,
         activation: Activation = "NONE",
-        out_quant: Optional[Quant] = None,
+        out_quant: Quant | None = None,
     ) -> Tensor:
         """FULLY_CONNECTED; ``weights`` is ``(out, in)``. The input is flattened to
         ``(size // in, in)``, as TFLite does without ``keep_num_dims``."""
@@ -320,7 +321,7 @@ class ModelBuilder:
         b: Tensor,
         *,
         activation: Activation = "NONE",
-        out_quant: Optional[Quant] = None,
+        out_quant: Quant | None = None,
     ) -> Tensor:
         """ADD with numpy broadcasting; int8 inputs may have different scales."""
         self._own(a, "add")
@@ -335,12 +336,12 @@ class ModelBuilder:
         prefix = self._op_prefix("add")
         return self._emit("ADD", prefix, (a.index, b.index), out_shape, a.dtype, {"activation": act}, out_quant)
 
-    def relu(self, x: Tensor, *, out_quant: Optional[Quant] = None) -> Tensor:
+    def relu(self, x: Tensor, *, out_quant: Quant | None = None) -> Tensor:
         """RELU as its own op (fused activations are the ``activation=`` options)."""
         self._own(x, "relu")
         return self._emit("RELU", self._op_prefix("relu"), (x.index,), x.shape, x.dtype, {}, out_quant)
 
-    def relu6(self, x: Tensor, *, out_quant: Optional[Quant] = None) -> Tensor:
+    def relu6(self, x: Tensor, *, out_quant: Quant | None = None) -> Tensor:
         """RELU6 as its own op."""
         self._own(x, "relu6")
         return self._emit("RELU6", self._op_prefix("relu6"), (x.index,), x.shape, x.dtype, {}, out_quant)
@@ -413,14 +414,10 @@ class ModelBuilder:
 
     # -- internals ------------------------------------------------------------------
 
-    def _own(self, tensor: Tensor, op: str, *, rank: Optional[int] = None) -> TensorDef:
-        if not isinstance(tensor, Tensor) or not 0 <= tensor.index < len(self._tensors):
+    def _own(self, tensor: Tensor, op: str, *, rank: int | None = None) -> TensorDef:
+        if not isinstance(tensor, Tensor) or tensor.builder_id != self._id:
             raise ValueError(f"{op}: {tensor!r} is not a tensor of this builder")
         td = self._tensors[tensor.index]
-        if td.shape != tensor.shape or td.dtype != tensor.dtype:
-            raise ValueError(f"{op}: {tensor!r} is not a tensor of this builder")
-        if td.is_constant:
-            raise ValueError(f"{op}: {td.name!r} is a constant; ops take activations")
         if rank is not None and len(tensor.shape) != rank:
             raise ValueError(f"{op}: expects a rank-{rank} (NHWC) input, got shape {tensor.shape}")
         return td
@@ -442,17 +439,17 @@ class ModelBuilder:
         name: str,
         shape: tuple[int, ...],
         dtype: np.dtype,
-        quant: Optional[Quant] = None,
-        data: Optional[np.ndarray] = None,
+        quant: Quant | None = None,
+        data: np.ndarray | None = None,
     ) -> Tensor:
         self._claim_name(name)
         if data is not None:
             data = np.array(data, dtype=dtype, copy=True)
             data.setflags(write=False)
         self._tensors.append(TensorDef(name=name, shape=shape, dtype=dtype, quant=quant, data=data))
-        return Tensor(index=len(self._tensors) - 1, shape=shape, dtype=dtype, quant=quant)
+        return Tensor(index=len(self._tensors) - 1, shape=shape, dtype=dtype, quant=quant, builder_id=self._id)
 
-    def _const(self, name: str, data: np.ndarray, quant: Optional[Quant] = None) -> int:
+    def _const(self, name: str, data: np.ndarray, quant: Quant | None = None) -> int:
         return self._add_tensor(name, tuple(int(d) for d in data.shape), data.dtype, quant, data).index
 
     def _weights(
@@ -462,7 +459,7 @@ class ModelBuilder:
         w: np.ndarray,
         b: np.ndarray,
         *,
-        weight_axis: Optional[int],
+        weight_axis: int | None,
         name: str,
     ) -> tuple[int, int]:
         """Add weight and bias constants, quantized when the activation is int8."""
@@ -489,7 +486,7 @@ class ModelBuilder:
         out_shape: tuple[int, ...],
         dtype: np.dtype,
         options: dict[str, Any],
-        out_quant: Optional[Quant],
+        out_quant: Quant | None,
     ) -> Tensor:
         """Append one op and its output tensor, calibrating int8 output ranges."""
         acts = [i for i in inputs if not self._tensors[i].is_constant]
@@ -497,11 +494,13 @@ class ModelBuilder:
             kinds = ", ".join(str(self._tensors[i].dtype) for i in acts)
             raise TypeError(f"{prefix}: inputs mix dtypes ({kinds}); convert the graph as a whole")
         op = OpDef(kind, inputs, (len(self._tensors),), MappingProxyType(dict(options)))
-        quant: Optional[Quant] = None
+        quant: Quant | None = None
         samples: list[np.ndarray] = []
         if dtype == INT8:
             samples = self._calibrate(op)
             if out_quant is None:
+                if not samples:
+                    raise ValueError(f"{prefix}: no calibration data flows through a CUSTOM op; pass out_quant=")
                 out_quant = quant_from_range(min(float(s.min()) for s in samples), max(float(s.max()) for s in samples))
             _check_activation_quant(out_quant, f"{prefix} out_quant")
             quant = out_quant
@@ -514,9 +513,11 @@ class ModelBuilder:
         return y
 
     def _calibrate(self, op: OpDef) -> list[np.ndarray]:
-        """Run the float version of ``op`` over every calibration sample."""
-        counts = {len(self._calibration[i]) for i in op.inputs if i in self._calibration}
-        n = min(counts) if counts else 1
+        """Run the float version of ``op`` over every calibration sample (none past a CUSTOM op)."""
+        acts = [i for i in op.inputs if not self._tensors[i].is_constant]
+        if any(i not in self._calibration for i in acts):
+            return []
+        n = min(len(self._calibration[i]) for i in acts)
         out = []
         for k in range(n):
             args = [
@@ -530,7 +531,7 @@ class ModelBuilder:
 # -- quantization helpers -------------------------------------------------------------
 
 
-def quantize_symmetric(w: np.ndarray, *, axis: Optional[int]) -> tuple[np.ndarray, Quant]:
+def quantize_symmetric(w: np.ndarray, *, axis: int | None) -> tuple[np.ndarray, Quant]:
     """Symmetric int8 in [-127, 127], per tensor (``axis=None``) or per channel."""
     w = np.asarray(w, dtype=np.float64)
     if axis is None:
@@ -553,7 +554,7 @@ def quant_from_range(lo: float, hi: float) -> Quant:
     if hi - lo < 1e-6:
         hi = lo + 1e-6
     scale = (hi - lo) / 255.0
-    zero_point = int(np.clip(_round_half_away(np.float64(-128.0 - lo / scale)), -128, 127))
+    zero_point = int(np.clip(_round_half_away(np.asarray(-128.0 - lo / scale)), -128, 127))
     return Quant(scale, zero_point)
 
 
@@ -568,9 +569,7 @@ def _check_activation_quant(quant: Quant, what: str) -> None:
         raise ValueError(f"{what}: int8 zero point {quant.zero_point} is outside [-128, 127]")
 
 
-def _input_samples(
-    shape: tuple[int, ...], quant: Quant, calibration: Optional[np.ndarray], name: str
-) -> list[np.ndarray]:
+def _input_samples(shape: tuple[int, ...], quant: Quant, calibration: np.ndarray | None, name: str) -> list[np.ndarray]:
     if calibration is not None:
         cal = np.asarray(calibration, dtype=np.float64)
         if cal.ndim != len(shape) + 1 or cal.shape[1:] != shape or cal.shape[0] < 1:
@@ -615,7 +614,7 @@ def _float_array(value: np.ndarray, what: str, *, ndim: int) -> np.ndarray:
     return arr
 
 
-def _bias(bias: Optional[np.ndarray], channels: int, op: str) -> np.ndarray:
+def _bias(bias: np.ndarray | None, channels: int, op: str) -> np.ndarray:
     if bias is None:
         return np.zeros(channels, dtype=np.float32)
     b = _float_array(bias, f"{op} bias", ndim=1)
@@ -624,7 +623,7 @@ def _bias(bias: Optional[np.ndarray], channels: int, op: str) -> np.ndarray:
     return b
 
 
-def _pair(value: Union[int, tuple[int, int]], what: str) -> tuple[int, int]:
+def _pair(value: int | tuple[int, int], what: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or any(int(v) < 1 for v in pair):
         raise ValueError(f"{what}: expected a positive int or (h, w), got {value!r}")
@@ -714,7 +713,7 @@ def serialize(graph: Graph) -> bytes:
 
     tensors = [_tensor(fb, t, buffer_index[i]) for i, t in enumerate(graph.tensors)]
 
-    codes: dict[tuple[str, Optional[str], int], int] = {}
+    codes: dict[tuple[str, str | None, int], int] = {}
     op_code_index: list[int] = []
     for op in graph.ops:
         key = (op.kind, op.custom_code, op_version(op, graph))
@@ -760,7 +759,7 @@ def _offset_vector(fb: flatbuffers.Builder, offsets: Sequence[int]) -> int:
     return fb.EndVector()
 
 
-def _buffer(fb: flatbuffers.Builder, payload: Optional[bytes]) -> int:
+def _buffer(fb: flatbuffers.Builder, payload: bytes | None) -> int:
     data = None
     if payload:
         fb.StartVector(1, len(payload), _BUFFER_ALIGNMENT)
@@ -797,7 +796,7 @@ def _tensor(fb: flatbuffers.Builder, t: TensorDef, buffer: int) -> int:
     return tflite.TensorEnd(fb)
 
 
-def _operator_code(fb: flatbuffers.Builder, kind: str, custom: Optional[str], version: int) -> int:
+def _operator_code(fb: flatbuffers.Builder, kind: str, custom: str | None, version: int) -> int:
     code = getattr(tflite.BuiltinOperator, kind)
     # Old readers only know the int8 field; codes past 127 live only in the int32 one.
     deprecated = min(code, tflite.BuiltinOperator.PLACEHOLDER_FOR_GREATER_OP_CODES)
@@ -825,7 +824,7 @@ def _operator(fb: flatbuffers.Builder, op: OpDef, opcode_index: int) -> int:
     return tflite.OperatorEnd(fb)
 
 
-def _builtin_options(fb: flatbuffers.Builder, op: OpDef) -> tuple[int, Optional[int]]:
+def _builtin_options(fb: flatbuffers.Builder, op: OpDef) -> tuple[int, int | None]:
     """Write the op's options table; returns (BuiltinOptions union type, offset)."""
     o = op.options
     kinds = tflite.BuiltinOptions

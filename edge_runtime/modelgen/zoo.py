@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,7 +35,7 @@ class IOSpec(NamedTuple):
 
     shape: tuple[int, ...]
     dtype: np.dtype
-    quant: Optional[Quant] = None
+    quant: Quant | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,7 +69,7 @@ class BuiltModel:
         """
         return reference.evaluate(self.graph, inputs)
 
-    def save(self, path: Union[str, os.PathLike[str]]) -> Path:
+    def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the model to ``path`` (parent directories are created)."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,7 @@ def _separable(b: ModelBuilder, rng: np.random.Generator, x: Tensor, *, stride: 
 
 
 def custom_op_model() -> BuiltModel:
-    """"x" (1, 4) -> CUSTOM "EdgefleetUnresolvedOp" -> "y": loads, but no runtime can prepare it."""
+    """One CUSTOM "EdgefleetUnresolvedOp" from "x" (1, 4) to "y": parses, never allocates."""
     b = ModelBuilder(description="edgefleet custom_op_model (unresolvable on purpose)")
     x = b.input("x", shape=(1, 4))
     b.output(b.custom(UNRESOLVED_CUSTOM_OP, [x], output_shape=(1, 4)), name="y")
