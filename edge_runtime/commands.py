@@ -49,45 +49,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from edge_runtime.health import HealthCheck
+    from edge_runtime.health import health_check_from_files
 
     health = None
     if args.health_sample:
-        health = HealthCheck.from_files(args.health_sample, expected=args.health_expected, atol=args.atol,
-                                        latency_budget_ms=args.latency_budget_ms)
+        health = health_check_from_files(args.health_sample, args.health_expected, atol=args.atol,
+                                         latency_budget_ms=args.latency_budget_ms)
     result = _installer(args).install_file(args.name, args.version, args.file, expected_sha256=args.sha256, health=health)
-    info = result.to_dict() if hasattr(result, "to_dict") else dict(result)
     if args.json:
-        emit_json(info)
+        emit_json(result.to_dict())
     else:
-        print(f"installed {args.name} {args.version}: active")
+        replaced = f" (replaces {result.replaced})" if result.replaced else ""
+        print(f"{args.name} {args.version}: {result.outcome}{replaced}, sha256 {result.sha256[:12]}, {result.size} bytes")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     store = _store(args)
-    rows = store.models()
+    rows = [m.to_dict() for m in store.models()]
     problems = store.fsck() if args.verify else []
     if args.json:
         emit_json({"models": rows, **({"problems": problems} if args.verify else {})})
     else:
-        table(["model", "active", "previous", "sha256", "size", "last install"],
-              [[r["name"], r.get("active"), ",".join(r.get("previous") or []) or None,
-                (r.get("sha256") or "")[:12] or None, r.get("size"), r.get("last_result_summary")] for r in rows])
+        table(["model", "active", "previous", "sha256", "size", "installing", "last install"],
+              [_model_row(r) for r in rows])
         if args.verify:
             print("store ok" if not problems else "problems:\n  " + "\n  ".join(problems))
     return 1 if problems else 0
 
 
+def _model_row(r: dict[str, Any]) -> list[Any]:
+    active = (r.get("versions") or {}).get(r.get("active") or "", {})
+    last = r.get("last_result") or {}
+    installing = r.get("installing") or {}
+    return [r["name"], r.get("active"), ",".join(r.get("previous") or []) or None,
+            (active.get("sha256") or "")[:12] or None, active.get("size"),
+            f"{installing.get('version')} ({installing.get('state')})" if installing else None,
+            f"{last.get('version')}: {last.get('outcome')}" + (f" ({last.get('reason')})" if last.get("reason") else "") if last else None]
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
-    result = _installer(args).rollback(args.name)
-    emit_json(result) if args.json else print(f"{args.name}: rolled back, active version {result['active']}")
+    active = _installer(args).rollback(args.name)
+    emit_json({"name": args.name, "active": active}) if args.json else print(f"{args.name}: rolled back, active version {active}")
     return 0
 
 
 def cmd_activate(args: argparse.Namespace) -> int:
-    result = _installer(args).activate_version(args.name, args.version)
-    emit_json(result) if args.json else print(f"{args.name}: active version {args.version}")
+    replaced = _installer(args).activate_version(args.name, args.version)
+    if args.json:
+        emit_json({"name": args.name, "active": args.version, "replaced": replaced})
+    else:
+        print(f"{args.name}: active version {args.version}" + (f" (was {replaced})" if replaced else ""))
     return 0
 
 

@@ -97,8 +97,8 @@ class Runtime:
 
     def start(self) -> None:
         """Recover, serve, load. Returns once models are loaded (or failed to)."""
-        self.installer.recover(load=False)
-        state = self.store.read_state()
+        self.installer.recover()
+        state = self.store.read()
         for name, model in state.models.items():
             if model.active:
                 self.engine.mark_unavailable(name, f"loading version {model.active}")
@@ -117,7 +117,7 @@ class Runtime:
 
     def sync(self) -> list[SyncStep]:
         """Bring the engine in line with the store once; returns what it did."""
-        state = self.store.read_state()
+        state = self.store.read()
         self._revision = state.revision
         # The installer may have activated a version in this process already.
         for model in self.engine.models():
@@ -156,7 +156,7 @@ class Runtime:
             if self._stop.is_set():
                 return
             try:
-                if self.store.read_state().revision != self._revision:
+                if self.store.revision() != self._revision:
                     self.sync()
             except EdgeRuntimeError as exc:
                 log.error("store watch: %s", exc)
