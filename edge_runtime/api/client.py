@@ -6,6 +6,10 @@
 One persistent connection per client, reconnected once if the runtime restarted between
 calls; a lock makes one client usable from several threads (open one per thread for
 parallel calls). Errors come back as the runtime's typed exceptions.
+
+On Linux, inputs of ``shm_threshold`` bytes or more travel through a shared-memory region
+attached once per connection (see ``shm``), not through the socket; ``shm=False`` turns
+that off.
 """
 
 from __future__ import annotations
@@ -18,15 +22,21 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.api import framing
+from edge_runtime.api import shm as shm_mod
 from edge_runtime.errors import EdgeRuntimeError, ModelUnavailable, error_from_dict
 
 
 class FastPathClient:
-    def __init__(self, path: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, path: str, *, timeout: float = 30.0, shm: bool = True, shm_threshold: int = 64 * 1024) -> None:
         self.path = str(path)
         self.timeout = timeout
+        self.use_shm = shm and shm_mod.supported()
+        self.shm_threshold = shm_threshold
         self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
+        self._region: shm_mod.ClientRegion | None = None
+        self._attached = False  # the region is attached on the current connection
+        self.last_reply: dict[str, Any] = {}  # header of the last answer (e.g. compute_ms)
+        self._lock = threading.RLock()
 
     def __enter__(self) -> FastPathClient:
         return self
@@ -39,6 +49,10 @@ class FastPathClient:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
+            self._attached = False
+            if self._region is not None:
+                self._region.close()
+                self._region = None
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -52,16 +66,17 @@ class FastPathClient:
 
     def call(self, header: dict[str, Any], tensors: Sequence[np.ndarray] = ()) -> tuple[dict[str, Any], list[np.ndarray]]:
         """One request/response; raises the runtime's typed error on ``ok: false``."""
-        parts = framing.encode(header, tensors)
         with self._lock:
             for attempt in (0, 1):
                 fresh = self._sock is None
                 if fresh:
                     self._sock = self._connect()
+                    self._attached = False
                 sock = self._sock
                 assert sock is not None
                 try:
-                    framing.send_buffers(sock, parts)
+                    head, inline = self._prepare(sock, header, tensors)
+                    framing.send_buffers(sock, framing.encode(head, inline))
                     reply, out = framing.recv_frame(sock)
                     break
                 except (OSError, framing.FrameError) as exc:
@@ -70,10 +85,35 @@ class FastPathClient:
                     # A reused connection may have been closed by a runtime restart: retry once.
                     if fresh or attempt == 1:
                         raise ModelUnavailable(f"fast path call failed: {exc}") from exc
+        self.last_reply = reply
+        return self._check(reply), out
+
+    def _prepare(self, sock: socket.socket, header: dict[str, Any], tensors: Sequence[np.ndarray]) -> tuple[dict[str, Any], Sequence[np.ndarray]]:
+        """Move large inputs into shared memory (attaching a region first if needed)."""
+        if not (self.use_shm and header.get("op") == "predict" and sum(t.nbytes for t in tensors) >= self.shm_threshold):
+            return header, tensors
+        arrays = [np.asarray(t) for t in tensors]
+        if self._region is None or not self._region.fits(arrays):
+            if self._region is not None:
+                self._region.close()
+            self._region = shm_mod.ClientRegion(2 * sum(a.nbytes + shm_mod.ALIGN for a in arrays))
+            self._attached = False
+        if not self._attached:
+            framing.send_frame(sock, {"op": "attach_shm", "size": self._region.capacity}, fds=[self._region.fd])
+            reply, _ = framing.recv_frame(sock)
+            if not reply.get("ok"):
+                # The runtime will not map it (e.g. an older runtime): use the socket from now on.
+                self.use_shm = False
+                return header, tensors
+            self._attached = True
+        return {**header, "shm": self._region.place(arrays)}, []
+
+    @staticmethod
+    def _check(reply: dict[str, Any]) -> dict[str, Any]:
         if not reply.get("ok"):
             err = reply.get("error") or {}
             raise error_from_dict(err) if isinstance(err, dict) else EdgeRuntimeError(str(err))
-        return reply, out
+        return reply
 
     def predict(self, model: str, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
         """Run ``model``; ``inputs`` by name, in input order, or one array for one input.

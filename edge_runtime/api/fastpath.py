@@ -5,10 +5,14 @@ so that only the runtime's user and group (the applications allowed to call mode
 connect. Requests:
 
     {"op": "predict", "model": NAME, "inputs": [NAMES]} + tensors
-        → {"ok": true, "model": NAME, "version": V, "outputs": [NAMES]} + tensors
+        → {"ok": true, "model": NAME, "version": V, "outputs": [NAMES], "compute_ms": T} + tensors
+          (T: time inside the engine, so a client can tell transport from compute)
     {"op": "metadata", "model": NAME}  → {"ok": true, "metadata": {...}}
     {"op": "models"}                    → {"ok": true, "models": [...]}
     {"op": "ping"}                      → {"ok": true}
+    {"op": "attach_shm", "size": N} + one memfd (SCM_RIGHTS) → {"ok": true}
+        then predict may carry {"shm": [{"offset", "descr", "shape"}, ...]} instead of
+        inline tensors (see ``shm``: zero socket copies for large inputs)
 
 An error answers ``{"ok": false, "error": {"type", "message", ...}}``; a malformed frame is
 answered once, then the connection is closed, since the stream position is lost.
@@ -22,12 +26,13 @@ import os
 import socket
 import socketserver
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_runtime.api import framing
+from edge_runtime.api import framing, shm
 from edge_runtime.engine import Engine
 from edge_runtime.errors import EdgeRuntimeError, InputError
 
@@ -36,26 +41,59 @@ SOCKET_MODE = 0o660
 _DRAIN_LIMIT = 1024 * 1024
 
 
+class Connection:
+    """What one client connection holds besides its socket: its shared-memory region."""
+
+    def __init__(self) -> None:
+        self.region: shm.ServerRegion | None = None
+
+    def attach(self, header: dict[str, Any], fds: list[int]) -> None:
+        if len(fds) != 1:
+            raise InputError(f"attach_shm needs exactly one file descriptor, got {len(fds)}")
+        size = header.get("size")
+        if not isinstance(size, int):
+            raise InputError("attach_shm needs an integer 'size'")
+        region = shm.ServerRegion(fds.pop(), size)
+        self.close()
+        self.region = region
+
+    def close(self) -> None:
+        if self.region is not None:
+            self.region.close()
+            self.region = None
+
+
 class _Handler(socketserver.BaseRequestHandler):
     server: FastPathServer
 
     def handle(self) -> None:
         sock: socket.socket = self.request
-        while not self.server.closing.is_set():
-            try:
-                header, tensors = framing.recv_frame(sock, max_frame=self.server.max_frame)
-            except framing.PeerClosed:
-                return
-            except (framing.FrameError, OSError) as exc:
-                with contextlib.suppress(OSError):
-                    framing.send_frame(sock, _error("bad_frame", str(exc)))
-                    _linger_close(sock)
-                return
-            reply, out = self.server.dispatch(header, tensors)
-            try:
-                framing.send_frame(sock, reply, out)
-            except OSError:
-                return
+        conn = Connection()
+        try:
+            while not self.server.closing.is_set():
+                fds: list[int] = []
+                try:
+                    header, tensors = framing.recv_frame(sock, max_frame=self.server.max_frame, fds=fds)
+                except framing.PeerClosed:
+                    return
+                except (framing.FrameError, OSError) as exc:
+                    for fd in fds:  # descriptors nobody will claim must not leak
+                        os.close(fd)
+                    with contextlib.suppress(OSError):
+                        framing.send_frame(sock, _error("bad_frame", str(exc)))
+                        _linger_close(sock)
+                    return
+                try:
+                    reply, out = self.server.dispatch(header, tensors, conn, fds)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                try:
+                    framing.send_frame(sock, reply, out)
+                except OSError:
+                    return
+        finally:
+            conn.close()
 
 
 def _linger_close(sock: socket.socket) -> None:
@@ -95,11 +133,22 @@ class FastPathServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         os.chmod(self.path, SOCKET_MODE)
         self._thread: threading.Thread | None = None
 
-    def dispatch(self, header: dict[str, Any], tensors: list[np.ndarray]) -> tuple[dict[str, Any], list[np.ndarray]]:
+    def dispatch(
+        self, header: dict[str, Any], tensors: list[np.ndarray], conn: Connection | None = None, fds: list[int] | None = None
+    ) -> tuple[dict[str, Any], list[np.ndarray]]:
         op = header.get("op")
         try:
             if op == "predict":
+                if "shm" in header:
+                    if conn is None or conn.region is None:
+                        raise InputError("'shm' tensors sent before attach_shm on this connection")
+                    tensors = conn.region.tensors(header["shm"])
                 return self._predict(header, tensors)
+            if op == "attach_shm":
+                if conn is None:
+                    raise InputError("attach_shm needs a connection")
+                conn.attach(header, fds if fds is not None else [])
+                return {"ok": True}, []
             if op == "metadata":
                 model = self.engine.get(str(header.get("model")))
                 return {"ok": True, "metadata": model.describe()}, []
@@ -107,7 +156,7 @@ class FastPathServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
                 return {"ok": True, "models": [m.describe() for m in self.engine.models()]}, []
             if op == "ping":
                 return {"ok": True}, []
-            return _error("bad_request", f"unknown op {op!r}; expected predict, metadata, models or ping"), []
+            return _error("bad_request", f"unknown op {op!r}; expected predict, metadata, models, ping or attach_shm"), []
         except EdgeRuntimeError as exc:
             return {"ok": False, "error": exc.to_dict()}, []
         except Exception as exc:  # a bug must not take the connection thread down silently
@@ -123,9 +172,11 @@ class FastPathServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
             feeds = dict(zip(names, tensors))
         else:
             raise InputError(f"'inputs' must list one name per tensor ({len(tensors)} tensors sent)")
+        start = time.perf_counter()
         version, outputs = self.engine.predict_versioned(name, feeds)
+        compute_ms = (time.perf_counter() - start) * 1e3
         return (
-            {"ok": True, "model": name, "version": version, "outputs": list(outputs)},
+            {"ok": True, "model": name, "version": version, "outputs": list(outputs), "compute_ms": round(compute_ms, 4)},
             list(outputs.values()),
         )
 

@@ -12,6 +12,7 @@ the kernel and none in Python. Both ends share this module; nothing else knows t
 
 from __future__ import annotations
 
+import array
 import ast
 import io
 import json
@@ -27,6 +28,7 @@ _PREFIX = struct.Struct("<4sII")
 _LEN = struct.Struct("<Q")
 MAX_HEADER = 64 * 1024
 MAX_TENSORS = 64
+MAX_FDS = 4
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 _NPY_MAGIC = b"\x93NUMPY"
 _header_cache: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
@@ -71,11 +73,16 @@ def encode(header: dict[str, Any], tensors: Sequence[np.ndarray] = ()) -> list[b
     return parts
 
 
-def send_buffers(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
-    """``sendall`` for a list of buffers: one system call when the kernel takes it all."""
+def send_buffers(sock: socket.socket, parts: list[bytes | memoryview], fds: Sequence[int] = ()) -> None:
+    """``sendall`` for a list of buffers: one system call when the kernel takes it all.
+
+    ``fds`` ride along with the first bytes (SCM_RIGHTS), so they arrive with the frame.
+    """
     views = [memoryview(p) for p in parts if len(p)]
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     while views:
-        sent = sock.sendmsg(views)
+        sent = sock.sendmsg(views, ancillary)
+        ancillary = []
         while sent:
             if sent >= len(views[0]):
                 sent -= len(views[0])
@@ -85,16 +92,24 @@ def send_buffers(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
                 sent = 0
 
 
-def send_frame(sock: socket.socket, header: dict[str, Any], tensors: Sequence[np.ndarray] = ()) -> None:
-    send_buffers(sock, encode(header, tensors))
+def send_frame(sock: socket.socket, header: dict[str, Any], tensors: Sequence[np.ndarray] = (), *, fds: Sequence[int] = ()) -> None:
+    send_buffers(sock, encode(header, tensors), fds)
 
 
-def _recv_exact(sock: socket.socket, n: int, *, first: bool = False) -> bytearray:
+def _recv_exact(sock: socket.socket, n: int, *, first: bool = False, fds: list[int] | None = None) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        if fds is not None:
+            k, anc, flags, _ = sock.recvmsg_into([view[got:]], socket.CMSG_SPACE(MAX_FDS * 4))
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+            if flags & socket.MSG_CTRUNC:
+                raise FrameError(f"more than {MAX_FDS} file descriptors sent with one frame")
+        else:
+            k = sock.recv_into(view[got:], n - got)
         if k == 0:
             if first and got == 0:
                 raise PeerClosed("connection closed")
@@ -103,14 +118,17 @@ def _recv_exact(sock: socket.socket, n: int, *, first: bool = False) -> bytearra
     return buf
 
 
-def recv_frame(sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """Read one frame.
+def recv_frame(
+    sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME, fds: list[int] | None = None
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Read one frame; with ``fds``, file descriptors sent with it are appended there
+    (the caller owns and must close them, whatever happens next).
 
     Raises:
         PeerClosed: the peer closed cleanly before a new frame.
         FrameError: anything malformed or over ``max_frame`` bytes; nothing past it is read.
     """
-    magic, head_len, count = _PREFIX.unpack(_recv_exact(sock, _PREFIX.size, first=True))
+    magic, head_len, count = _PREFIX.unpack(_recv_exact(sock, _PREFIX.size, first=True, fds=fds))
     if magic != MAGIC:
         raise FrameError(f"bad frame magic {bytes(magic)!r}, expected {MAGIC!r}")
     if head_len > MAX_HEADER:

@@ -68,6 +68,7 @@ class LoadedModel:
             "version": self.version,
             "signature": self.signature.to_dict(),
             "pool_size": self.pool.size,
+            "interpreters": self.pool.count,
             "loaded_at": self.loaded_at,
             "load_seconds": round(self.load_seconds, 4),
         }
@@ -94,11 +95,16 @@ class Engine:
     def load(self, name: str, version: str, path: str | os.PathLike[str], *, warm_up: bool = True) -> LoadedModel:
         """Build (and warm) a version without serving it yet.
 
+        The pool starts as large as the version it will replace has grown, so a swap under
+        load does not make callers queue while the new pool catches up.
+
         Raises:
             ModelFileError: the file cannot be loaded.
         """
         start = time.perf_counter()
-        pool = InterpreterPool(self.backend, path, size=self.pool_size, num_threads=self.num_threads)
+        current = self._active.get(name)
+        initial = current.pool.count if current is not None else 1
+        pool = InterpreterPool(self.backend, path, size=self.pool_size, num_threads=self.num_threads, initial=initial)
         if warm_up:
             pool.warm_up()
         return LoadedModel(

@@ -97,7 +97,11 @@ class ModelStore:
         if quota_bytes is not None and quota_bytes < 0:
             raise ValueError(f"quota_bytes must be >= 0, got {quota_bytes}")
         self.layout = StoreLayout.at(data_dir)
+        fresh = not (self.layout.blobs.is_dir() and self.layout.tmp.is_dir())
         self.layout.ensure()
+        if fresh:  # new directories are durable only once their parents are fsynced
+            for directory in (self.layout.blobs.parent, self.layout.root):
+                fsync_dir(directory)
         self.blobs = BlobStore(self.layout)
         self.quota_bytes = quota_bytes
         self.keep_previous = keep_previous

@@ -18,6 +18,7 @@ import pytest
 from edge_runtime.api import FastPathClient, FastPathServer, RestServer
 from edge_runtime.engine import Engine
 from edge_runtime.errors import InputError, ModelNotFound, ModelUnavailable
+from tests.helpers import wait_until
 
 
 @pytest.fixture
@@ -203,3 +204,61 @@ def test_fast_path_client_reconnects_after_server_restart(engine: Engine, tmp_pa
         server.stop()
     with pytest.raises(ModelUnavailable, match="cannot reach"):
         FastPathClient(str(path)).ping()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_fast_path_large_inputs_travel_through_shared_memory(fast: FastPathServer, vision: tuple[Any, Path], engine: Engine) -> None:
+    built, path = vision
+    engine.swap("vision", "1", path)
+    image = built.sample_inputs(seed=3)["image"]
+    want = built.reference({"image": image})["probs"]
+    before = _open_fds()
+    with FastPathClient(str(fast.path)) as client:
+        assert client.use_shm
+        for _ in range(3):
+            np.testing.assert_allclose(client.predict("vision", {"image": image})["probs"], want, rtol=1e-3, atol=1e-5)
+        assert client._attached and client.last_reply["compute_ms"] > 0
+        with FastPathClient(str(fast.path), shm=False) as plain:
+            np.testing.assert_allclose(plain.predict("vision", {"image": image})["probs"], want, rtol=1e-3, atol=1e-5)
+            assert not plain._attached
+    wait_until(lambda: _open_fds() <= before, what="server to close the shared-memory descriptors")
+
+
+def test_fast_path_refuses_unsafe_shared_memory(fast: FastPathServer) -> None:
+    import fcntl
+
+    from edge_runtime.api import framing
+
+    before = _open_fds()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(fast.path))
+
+        def ask(header: dict[str, Any], fds: list[int] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+            framing.send_frame(s, header, fds=fds)
+            return framing.recv_frame(s)[0]
+
+        unsealed = os.memfd_create("x", os.MFD_ALLOW_SEALING)
+        os.ftruncate(unsealed, 4096)
+        reply = ask({"op": "attach_shm", "size": 4096}, [unsealed])
+        assert not reply["ok"] and "F_SEAL_SHRINK" in reply["error"]["message"]
+        reply = ask({"op": "predict", "model": "tiny", "inputs": ["x"], "shm": [{"offset": 0, "descr": "<f4", "shape": [1, 16]}]})
+        assert not reply["ok"] and "before attach_shm" in reply["error"]["message"]
+        sealed = os.memfd_create("y", os.MFD_ALLOW_SEALING)
+        os.ftruncate(sealed, 4096)
+        fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        assert not ask({"op": "attach_shm", "size": 1 << 20}, [sealed])["ok"]  # bigger than the file
+        assert not ask({"op": "attach_shm", "size": 4096})["ok"]  # no descriptor at all
+        assert ask({"op": "attach_shm", "size": 4096}, [sealed])["ok"]
+        for bad in ({"offset": 4090, "descr": "<f4", "shape": [1, 16]}, {"offset": -64, "descr": "<f4", "shape": [1, 16]},
+                    {"offset": 0, "descr": "|O", "shape": [1]}, {"offset": 0, "shape": [1, 16]}, "junk"):
+            reply = ask({"op": "predict", "model": "tiny", "inputs": ["x"], "shm": [bad]})
+            assert not reply["ok"] and reply["error"]["type"] == "invalid_input", bad
+        reply = ask({"op": "predict", "model": "tiny", "inputs": ["x"], "shm": [{"offset": 0, "descr": "<f4", "shape": [1, 16]}]})
+        assert reply["ok"] and reply["version"] == "1"
+        for fd in (unsealed, sealed):
+            os.close(fd)
+    wait_until(lambda: _open_fds() <= before, what="every received descriptor to be closed")

@@ -261,3 +261,34 @@ def test_hot_swap_under_concurrent_load_drops_nothing(zoo: dict[str, Any], model
         t.join(30)
     assert not errors, errors[0]
     assert seen["v1"] > 0 and seen["v2"] > 0
+
+
+def test_pool_grows_only_under_contention_and_never_makes_a_call_wait_for_a_busy_one(
+    zoo: dict[str, Any], model_files: dict[str, Path]
+) -> None:
+    engine = Engine(pool_size=2)
+    model = engine.swap("tiny", "v1", model_files["tiny_v1"])
+    feeds = zoo["tiny_v1"].sample_inputs()
+    for _ in range(20):  # sequential calls never contend: one interpreter is enough
+        engine.predict("tiny", feeds)
+    assert model.pool.count == 1
+    first = model.pool._all[0]
+    in_invoke, release = threading.Event(), threading.Event()
+    real_invoke = first.invoke
+
+    def stuck() -> None:
+        in_invoke.set()
+        assert release.wait(30)
+        real_invoke()
+
+    first.invoke = stuck
+    blocked = threading.Thread(target=engine.predict, args=("tiny", feeds))
+    blocked.start()
+    assert in_invoke.wait(10)
+    # The only interpreter is stuck: this call is served by one grown for it.
+    np.testing.assert_allclose(engine.predict("tiny", feeds)["y"], zoo["tiny_v1"].reference(feeds)["y"], rtol=1e-4, atol=1e-5)
+    assert model.pool.count == 2
+    release.set()
+    blocked.join(10)
+    # A new version starts as large as the one it replaces has grown.
+    assert engine.swap("tiny", "v2", model_files["tiny_v2"]).pool.count == 2
