@@ -36,7 +36,9 @@ test-legacy:
 		EDGEFLEET_BACKEND=tflite_runtime $(LEGACY_VENV)/bin/python -m pytest -q -m legacy $(PYTEST_ARGS); \
 	else echo "test-legacy: skipped, tflite-runtime has no wheels for this Python"; fi
 
+# The full soak/scale runs (slow-marked tests), then every benchmark into bench/RESULTS.md.
 bench: $(STAMP)
+	EDGEFLEET_SLOW=1 $(PY) -m pytest -q -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(PY) bench/run_all.py
 
 clean:

@@ -52,9 +52,10 @@ def _load_inputs(specs: list[str]) -> dict[str, np.ndarray] | list[np.ndarray]:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from edge_runtime.engine import Engine
+    from edge_runtime.engine import Engine, inspect_model
 
     engine = Engine(pool_size=1, num_threads=args.num_threads, backend=_backend(args))
+    inspect_model(str(args.model), backend=engine.backend)  # a damaged file must not crash us
     model = engine.load("cli", "file", args.model, warm_up=False)
     feeds = _load_inputs(args.input)
     outputs = model.predict(feeds)

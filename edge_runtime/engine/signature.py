@@ -30,11 +30,19 @@ class TensorSpec:
     def describe(self) -> str:
         return f"{self.name} {self.dtype.name}{list(self.shape)}"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, with_index: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
         if self.scale:
             out["quantization"] = {"scale": self.scale, "zero_point": self.zero_point}
+        if with_index:
+            out["index"] = self.index
         return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorSpec:
+        q = d.get("quantization") or {}
+        return cls(name=str(d["name"]), index=int(d.get("index", -1)), shape=tuple(int(x) for x in d["shape"]),
+                   dtype=np.dtype(d["dtype"]), scale=float(q.get("scale", 0.0)), zero_point=int(q.get("zero_point", 0)))
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,14 @@ class Signature:
             outputs=tuple(_spec(d) for d in interpreter.get_output_details()),
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
+    def to_dict(self, *, with_index: bool = False) -> dict[str, Any]:
+        return {"inputs": [s.to_dict(with_index=with_index) for s in self.inputs],
+                "outputs": [s.to_dict(with_index=with_index) for s in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Signature:
+        return cls(inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+                   outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]))
 
     def expected(self) -> str:
         return ", ".join(s.describe() for s in self.inputs)
