@@ -131,19 +131,39 @@ class Runtime:
                 self._serving.pop(step.name, None)
                 log.info("unloaded %s", step.name)
                 continue
-            path = self.store.layout.blob(step.sha256)
+            self._load_step(state, step)
+        return steps
+
+    def _load_step(self, state: StoreState, step: SyncStep) -> None:
+        """Load the store's active version; if its blob is damaged or will not load, serve
+        the newest previous version that still verifies (offline devices must keep working),
+        else answer 503 with the reason. The store is not changed: what to do about the
+        damage is the operator's (or the agent's) decision."""
+        model = state.models[step.name]
+        candidates = [step.version] + [v for v in model.previous if v in model.versions]
+        problems: list[str] = []
+        for version in candidates:
+            sha = model.versions[version].sha256
+            if self._serving.get(step.name) == (version, sha):
+                return  # already serving this fallback
             try:
-                loaded = self.engine.load(step.name, step.version, path)
+                # Bytes go into this process's interpreter only if they are the ones installed.
+                self.store.blobs.verify(sha, size=model.versions[version].size)
+                loaded = self.engine.load(step.name, version, self.store.layout.blob(sha))
             except EdgeRuntimeError as exc:
-                # Keep serving the old version if there is one; otherwise say why we cannot.
-                self.engine.mark_unavailable(step.name, f"version {step.version} failed to load: {exc}")
-                log.error("cannot load %s %s: %s", step.name, step.version, exc)
-                self._serving[step.name] = (step.version, step.sha256)  # do not retry a bad blob forever
+                problems.append(f"version {version}: {exc}")
+                log.error("cannot serve %s version %s: %s", step.name, version, exc)
                 continue
             self.engine.activate(loaded)
-            self._serving[step.name] = (step.version, step.sha256)
-            log.info("serving %s version %s (loaded in %.3fs)", step.name, step.version, loaded.load_seconds)
-        return steps
+            self._serving[step.name] = (version, sha)
+            if version != step.version:
+                log.error("%s: active version %s is unusable; serving previous version %s", step.name, step.version, version)
+            else:
+                log.info("serving %s version %s (loaded in %.3fs)", step.name, version, loaded.load_seconds)
+            return
+        self.engine.unload(step.name)
+        self._serving.pop(step.name, None)
+        self.engine.mark_unavailable(step.name, "; ".join(problems) + " (reinstall the model)")
 
     def reload(self) -> None:
         """Re-read the store now (SIGHUP)."""
