@@ -45,6 +45,7 @@ from edge_runtime.errors import (
     InstallError,
     ModelFileError,
     ModelNotFound,
+    ModelUnavailable,
     QuotaExceeded,
     StoreCorrupt,
     VersionNotFound,
@@ -443,7 +444,7 @@ class Installer:
                 current = self.engine.get(name)
                 if current.version == model.active and Path(current.path) == path:
                     continue
-            except ModelNotFound:
+            except (ModelNotFound, ModelUnavailable):  # not serving (yet): load it
                 pass
             try:
                 self.engine.activate(self.engine.load(name, model.active, path))
