@@ -42,7 +42,8 @@ class BackendUnavailable(EdgeRuntimeError):
 class ModelFileError(EdgeRuntimeError):
     """The bytes are not a model this runtime can load.
 
-    ``reason`` is one of: ``not_tflite``, ``truncated``, ``unresolved_op``, ``invalid``.
+    ``reason`` is one of: ``not_found``, ``not_tflite``, ``truncated``, ``unresolved_op``,
+    ``interpreter_crash`` (the isolated validator died on it), ``invalid``.
     """
 
     code = "invalid_model"
@@ -104,8 +105,10 @@ class StoreBusy(StoreError):
 class InstallError(EdgeRuntimeError):
     """An install did not end with the new version active.
 
-    ``reason`` is a stable token (``invalid_model``, ``hash_mismatch``, ``quota_exceeded``,
-    ``load_failed``, ``health_check_failed``, ``crash_loop``).
+    ``reason`` is a stable token: ``invalid_model``, ``hash_mismatch``, ``quota_exceeded``,
+    ``load_failed``, ``health_check_failed``, ``crash_loop``, ``invalid_request`` (bad name,
+    version or digest), ``install_in_progress``, ``version_conflict`` (a version's bytes
+    never change), ``no_download``.
     """
 
     code = "install_failed"

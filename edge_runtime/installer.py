@@ -105,7 +105,7 @@ class RecoveryAction:
     version: str | None
     found: str | None  # the install state found at start-up; None for a plain load
     step: str  # a recovery Step value, or "load"
-    outcome: str  # active | rolled_back | interrupted | finished | loaded | load_failed
+    outcome: str  # active | rolled_back | interrupted | finished | loaded | fallback | unavailable
     detail: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -428,32 +428,71 @@ class Installer:
         return action("finished")
 
     def load_all(self) -> list[RecoveryAction]:
-        """Make the engine serve every model's active version (skipping those it already does).
+        """Make the engine serve every model the store has an active version for.
 
-        A version that fails to load is reported, not raised: the other models still serve.
+        Each model goes through ``load_active``: verified bytes only, the newest previous
+        version that still verifies if the active one is damaged, else unavailable with the
+        reasons. Problems are reported in the returned actions, never raised, so one bad
+        model does not stop the others from serving.
 
         Raises:
             StoreCorrupt: the state file cannot be parsed.
         """
         actions: list[RecoveryAction] = []
         for name, model in sorted(self.store.read().models.items()):
-            if model.active is None:
-                continue
-            path = self.store.blobs.path(model.versions[model.active].sha256)
-            try:
-                current = self.engine.get(name)
-                if current.version == model.active and Path(current.path) == path:
-                    continue
-            except (ModelNotFound, ModelUnavailable):  # not serving (yet): load it
-                pass
-            try:
-                self.engine.activate(self.engine.load(name, model.active, path))
-            except Exception as exc:  # report and keep serving the rest
-                log.error("cannot load %s %s from %s: %s", name, model.active, path, exc)
-                actions.append(RecoveryAction(name, model.active, None, "load", "load_failed", str(exc)))
-                continue
-            actions.append(RecoveryAction(name, model.active, None, "load", "loaded"))
+            action = self.load_active(name, model)
+            if action is not None:
+                actions.append(action)
         return actions
+
+    def load_active(self, name: str, model: ModelState | None = None) -> RecoveryAction | None:
+        """Serve ``name``'s active version — only if its blob still has the installed bytes.
+
+        If the active version's blob is missing or damaged, or will not load, serve the
+        newest previous version that verifies and loads (an offline device keeps working);
+        if none does, unload the model and mark it unavailable with the reasons (calls get
+        503). The store is never changed here: what to do about damage is the operator's or
+        the agent's decision (``fsck`` reports it). Returns None when the engine already
+        serves the active version from its blob, or the store has no active version.
+
+        Raises:
+            StoreCorrupt: the state file cannot be parsed (only when ``model`` is None).
+        """
+        if model is None:
+            model = self.store.read().models.get(name)
+        if model is None or model.active is None or model.active not in model.versions:
+            return None
+        try:
+            current = self.engine.get(name)
+        except (ModelNotFound, ModelUnavailable):  # not serving (yet)
+            current = None
+        active_path = self.store.blobs.path(model.versions[model.active].sha256)
+        if current is not None and current.version == model.active and Path(current.path) == active_path:
+            return None
+        problems: list[str] = []
+        candidates = [model.active] + [v for v in model.previous if v in model.versions]
+        for version in candidates:
+            record = model.versions[version]
+            try:
+                # Bytes reach this process's interpreter only if they are the ones installed.
+                self.store.blobs.verify(record.sha256, size=record.size)
+                loaded = self.engine.load(name, version, self.store.blobs.path(record.sha256))
+            except Exception as exc:  # a damaged or unloadable version: try the next one
+                problems.append(f"version {version}: {exc}")
+                log.error("cannot serve %s version %s: %s", name, version, exc)
+                continue
+            self.engine.activate(loaded)
+            if version == model.active:
+                return RecoveryAction(name, version, None, "load", "loaded")
+            detail = "; ".join(problems)
+            log.error("%s: active version %s is unusable; serving previous version %s", name, model.active, version)
+            self._emit(name, "fallback", {"version": version, "active": model.active, "detail": detail})
+            return RecoveryAction(name, version, None, "load", "fallback", detail)
+        detail = "; ".join(problems) + " (reinstall the model)"
+        self.engine.unload(name)
+        self.engine.mark_unavailable(name, detail)
+        self._emit(name, "unavailable", {"active": model.active, "detail": detail})
+        return RecoveryAction(name, model.active, None, "load", "unavailable", detail)
 
     # -- the state machine --------------------------------------------------------------
 

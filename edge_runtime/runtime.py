@@ -1,7 +1,7 @@
 """The serving daemon: store + engine + local API, kept in step with the store.
 
-Start-up order matters for an offline device: recover any install a crash interrupted, then
-start the API at once (models still loading answer 503, not "connection refused"), then
+Start-up order matters for an offline device: start the API at once (models still loading
+answer 503, not "connection refused"), then recover any install a crash interrupted and
 load every active version. After that a watcher follows the store: when another process
 (``edge-runtime install``/``rollback``, later the MQTT agent) changes what is active, the
 new version is loaded and warmed in the watcher thread and swapped in; callers never wait.
@@ -91,15 +91,13 @@ class Runtime:
         self.fast: FastPathServer | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._serving: dict[str, tuple[str, str]] = {}
         self._revision = -1
         self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
-        """Recover, serve, load. Returns once models are loaded (or failed to)."""
-        self.installer.recover()
-        state = self.store.read()
-        for name, model in state.models.items():
+        """Serve first, then recover and load: until a model is loaded its calls get a 503
+        saying so, never "connection refused"."""
+        for name, model in self.store.read().models.items():
             if model.active:
                 self.engine.mark_unavailable(name, f"loading version {model.active}")
         if self.config.rest_port is not None:
@@ -107,6 +105,7 @@ class Runtime:
             self.rest.start()
         self.fast = FastPathServer(self.config.socket, self.engine, max_frame=self.config.max_body_bytes)
         self.fast.start()
+        self.installer.recover()  # finishes interrupted installs, then loads every active version
         self.sync()
         self._watcher = threading.Thread(target=self._watch, name="store-watch", daemon=True)
         self._watcher.start()
@@ -116,54 +115,23 @@ class Runtime:
                 "backend": f"{self.engine.backend.name} {self.engine.backend.version}"}
 
     def sync(self) -> list[SyncStep]:
-        """Bring the engine in line with the store once; returns what it did."""
+        """Bring the engine in line with the store once; returns what it decided.
+
+        Loading is the installer's ``load_active``: verified bytes only, falling back to the
+        newest usable previous version, else 503 with the reasons.
+        """
         state = self.store.read()
         self._revision = state.revision
-        # The installer may have activated a version in this process already.
-        for model in self.engine.models():
-            record = state.models.get(model.name)
-            if record and record.active == model.version and model.version in record.versions:
-                self._serving[model.name] = (model.version, record.versions[model.version].sha256)
-        steps = plan_sync(state, self._serving)
+        # A blob's file name is its sha256, so the engine itself says what it serves.
+        serving = {m.name: (m.version, Path(m.path).name) for m in self.engine.models()}
+        steps = plan_sync(state, serving)
         for step in steps:
             if step.action == "unload":
                 self.engine.unload(step.name)
-                self._serving.pop(step.name, None)
                 log.info("unloaded %s", step.name)
-                continue
-            self._load_step(state, step)
-        return steps
-
-    def _load_step(self, state: StoreState, step: SyncStep) -> None:
-        """Load the store's active version; if its blob is damaged or will not load, serve
-        the newest previous version that still verifies (offline devices must keep working),
-        else answer 503 with the reason. The store is not changed: what to do about the
-        damage is the operator's (or the agent's) decision."""
-        model = state.models[step.name]
-        candidates = [step.version] + [v for v in model.previous if v in model.versions]
-        problems: list[str] = []
-        for version in candidates:
-            sha = model.versions[version].sha256
-            if self._serving.get(step.name) == (version, sha):
-                return  # already serving this fallback
-            try:
-                # Bytes go into this process's interpreter only if they are the ones installed.
-                self.store.blobs.verify(sha, size=model.versions[version].size)
-                loaded = self.engine.load(step.name, version, self.store.layout.blob(sha))
-            except EdgeRuntimeError as exc:
-                problems.append(f"version {version}: {exc}")
-                log.error("cannot serve %s version %s: %s", step.name, version, exc)
-                continue
-            self.engine.activate(loaded)
-            self._serving[step.name] = (version, sha)
-            if version != step.version:
-                log.error("%s: active version %s is unusable; serving previous version %s", step.name, step.version, version)
             else:
-                log.info("serving %s version %s (loaded in %.3fs)", step.name, version, loaded.load_seconds)
-            return
-        self.engine.unload(step.name)
-        self._serving.pop(step.name, None)
-        self.engine.mark_unavailable(step.name, "; ".join(problems) + " (reinstall the model)")
+                self.installer.load_active(step.name, state.models[step.name])
+        return steps
 
     def reload(self) -> None:
         """Re-read the store now (SIGHUP)."""

@@ -80,7 +80,6 @@ def _predicts_like(rt: Runtime, built: Any) -> bool:
     return bool(np.allclose(rt.engine.predict("tiny", feeds)["y"], built.reference(feeds)["y"], rtol=1e-4, atol=1e-5))
 
 
-@pytest.mark.xfail(strict=True, reason="Installer.recover() -> load_all loads active blobs unverified before the runtime's verified sync; fix: one loader")
 def test_damaged_active_blob_falls_back_to_the_previous_version(data_dir: Path, runtime_factory: Any, zoo: dict[str, Any]) -> None:
     store = ModelStore(data_dir)
     state_before = store.layout.state.read_bytes()
@@ -91,7 +90,6 @@ def test_damaged_active_blob_falls_back_to_the_previous_version(data_dir: Path, 
     assert store.layout.state.read_bytes() == state_before  # serving around damage changes nothing on disk
 
 
-@pytest.mark.xfail(strict=True, reason="Installer.recover() -> load_all loads active blobs unverified before the runtime's verified sync; fix: one loader")
 def test_no_usable_version_answers_503_with_the_reason(data_dir: Path, runtime_factory: Any) -> None:
     store = ModelStore(data_dir)
     for v in ("1", "2"):
