@@ -24,8 +24,11 @@ import numpy as np
 from edge_runtime.console import emit_json, table
 
 
+_progress = sys.stdout
+
+
 def _say(msg: str) -> None:
-    print(f"==> {msg}", flush=True)
+    print(f"==> {msg}", file=_progress, flush=True)
 
 
 def _rest(url: str, body: Any | None = None) -> Any:
@@ -44,6 +47,8 @@ def run_demo(*, data_dir: Path | None = None, as_json: bool = False) -> int:
     from edge_runtime.modelgen import zoo
     from edge_runtime.store import ModelStore
 
+    global _progress
+    _progress = sys.stderr if as_json else sys.stdout  # with --json, stdout is only JSON
     tmp = None
     if data_dir is None:
         tmp = tempfile.mkdtemp(prefix="edge-runtime-demo-")

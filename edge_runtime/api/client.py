@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,14 +56,25 @@ class FastPathClient:
                 self._region = None
 
     def _connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except OSError as exc:
-            sock.close()
-            raise ModelUnavailable(f"cannot reach the runtime at {self.path}: {exc}") from exc
-        return sock
+        # With a timeout set, an AF_UNIX connect is non-blocking and fails with EAGAIN the
+        # moment the listen backlog is full; a burst of clients should wait their turn.
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.path)
+                return sock
+            except BlockingIOError as exc:
+                sock.close()
+                if time.monotonic() + delay > deadline:
+                    raise ModelUnavailable(f"the runtime at {self.path} is not accepting connections: {exc}") from exc
+                time.sleep(delay)  # backoff while the server works through its backlog
+                delay = min(delay * 2, 0.05)
+            except OSError as exc:
+                sock.close()
+                raise ModelUnavailable(f"cannot reach the runtime at {self.path}: {exc}") from exc
 
     def call(self, header: dict[str, Any], tensors: Sequence[np.ndarray] = ()) -> tuple[dict[str, Any], list[np.ndarray]]:
         """One request/response; raises the runtime's typed error on ``ok: false``."""

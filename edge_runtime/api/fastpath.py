@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.api import framing, shm
+from edge_runtime.api.inflight import Connections, InFlight
 from edge_runtime.engine import Engine
 from edge_runtime.errors import EdgeRuntimeError, InputError
 
@@ -69,6 +70,7 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         conn = Connection()
+        self.server.connections.add(sock)
         try:
             while not self.server.closing.is_set():
                 fds: list[int] = []
@@ -83,16 +85,19 @@ class _Handler(socketserver.BaseRequestHandler):
                         framing.send_frame(sock, _error("bad_frame", str(exc)))
                         _linger_close(sock)
                     return
-                try:
-                    reply, out = self.server.dispatch(header, tensors, conn, fds)
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-                try:
-                    framing.send_frame(sock, reply, out)
-                except OSError:
-                    return
+                # From here the request is accepted: a shutdown waits until it is answered.
+                with self.server.inflight:
+                    try:
+                        reply, out = self.server.dispatch(header, tensors, conn, fds)
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
+                    try:
+                        framing.send_frame(sock, reply, out)
+                    except OSError:
+                        return
         finally:
+            self.server.connections.discard(sock)
             conn.close()
 
 
@@ -116,12 +121,15 @@ def _error(code: str, message: str) -> dict[str, Any]:
 class FastPathServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
+    request_queue_size = 128  # socketserver's default of 5 refuses a burst of new clients
 
     def __init__(self, path: str | os.PathLike[str], engine: Engine, *, max_frame: int = framing.DEFAULT_MAX_FRAME) -> None:
         self.path = Path(path)
         self.engine = engine
         self.max_frame = max_frame
         self.closing = threading.Event()
+        self.inflight = InFlight()
+        self.connections = Connections()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a stale socket from a previous run
@@ -184,9 +192,16 @@ class FastPathServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="fastpath", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop accepting, answer every request already received, then close connections.
+
+        Returns False if requests were still running after ``timeout`` seconds.
+        """
         self.closing.set()
         self.shutdown()
         self.server_close()
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            self.path.unlink()  # new clients fail at once rather than queue on a dead socket
+        drained = self.inflight.drain(timeout)
+        self.connections.close_all()
+        return drained

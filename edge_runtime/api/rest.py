@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.api.inflight import Connections, InFlight
 from edge_runtime.engine import Engine, LoadedModel
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelNotFound
 
@@ -127,11 +128,22 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s " + format, self.address_string(), *args)
 
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        self.server.connections.discard(self.connection)
+        super().finish()
+
     def _send(self, status: int, payload: Any) -> None:
         data = json.dumps(payload, separators=(",", ":")).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.server.closing.is_set():
+            self.close_connection = True
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -139,6 +151,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, {"error": message, "type": code})
 
     def _guard(self, fn: Any) -> None:
+        with self.server.inflight:  # a shutdown waits for this answer
+            self._answer(fn)
+
+    def _answer(self, fn: Any) -> None:
         try:
             status, payload = fn()
             self._send(status, payload)
@@ -231,10 +247,14 @@ class _Handler(BaseHTTPRequestHandler):
 
 class RestServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128
 
     def __init__(self, host: str, port: int, engine: Engine, *, max_body: int = DEFAULT_MAX_BODY) -> None:
         self.engine = engine
         self.max_body = max_body
+        self.closing = threading.Event()
+        self.inflight = InFlight()
+        self.connections = Connections()
         super().__init__((host, port), _Handler)
         self._thread: threading.Thread | None = None
 
@@ -247,9 +267,14 @@ class RestServer(ThreadingHTTPServer):
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="rest", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop accepting, answer requests already received, then close keep-alive connections."""
+        self.closing.set()
         self.shutdown()
         self.server_close()
+        drained = self.inflight.drain(timeout)
+        self.connections.close_all()
+        return drained
 
 
 __all__ = ["RestServer", "predict_body"]
