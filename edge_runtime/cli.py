@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime import __version__
-from edge_runtime.console import emit_json, table
+from edge_runtime.console import emit_json, positive_int, table
 from edge_runtime.errors import EdgeRuntimeError, InputError
 
 
@@ -38,8 +38,8 @@ def _load_inputs(specs: list[str]) -> dict[str, np.ndarray] | list[np.ndarray]:
             name, path = "", spec
         try:
             loaded = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read input {path!r}: {exc}") from exc
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
+            raise InputError(f"cannot read input {path!r} as .npy/.npz: {exc or 'empty file'}") from exc
         if isinstance(loaded, np.lib.npyio.NpzFile):
             named.update({k: loaded[k] for k in loaded.files})
         elif name:
@@ -126,15 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("infer", "run a .tflite file once, offline, with no daemon")
     p.add_argument("model", type=Path)
-    p.add_argument("--input", action="append", default=[], metavar="[NAME=]FILE", help=".npy (repeatable) or .npz")
+    p.add_argument("--input", action="append", required=True, metavar="[NAME=]FILE", help=".npy (repeatable) or .npz")
     p.add_argument("--output", metavar="OUT.npz")
-    p.add_argument("--num-threads", type=int, default=1)
+    p.add_argument("--num-threads", type=positive_int, default=1)
     p.set_defaults(fn=cmd_infer)
 
     p = command("bench", "time the raw interpreter against the engine on one model")
     p.add_argument("model", type=Path)
-    p.add_argument("--iterations", type=int, default=200)
-    p.add_argument("--num-threads", type=int, default=1)
+    p.add_argument("--iterations", type=positive_int, default=200)
+    p.add_argument("--num-threads", type=positive_int, default=1)
     p.set_defaults(fn=cmd_bench)
 
     _add_store_commands(command)

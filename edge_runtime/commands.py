@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.console import emit_json, table
+from edge_runtime.console import emit_json, positive_int, table
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -23,20 +23,30 @@ def _installer(args: argparse.Namespace) -> Any:
     return Installer(_store(args), Engine(backend=load_backend(args.backend), pool_size=1))
 
 
-def _parse_rest(value: str) -> tuple[str, int | None]:
+def rest_address(value: str) -> tuple[str, int | None]:
+    """argparse type for ``--rest``: ``HOST:PORT``, ``:PORT`` or ``off``."""
     if value in ("off", "none", ""):
         return "127.0.0.1", None
-    host, _, port = value.rpartition(":")
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:8501) or 'off', got {value!r}")
     return host or "127.0.0.1", int(port)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from edge_runtime.runtime import Runtime, ServeConfig
 
-    host, port = _parse_rest(args.rest)
-    config = ServeConfig(data_dir=args.data_dir, rest_host=host, rest_port=port, socket_path=args.socket,
-                         pool_size=args.pool_size, num_threads=args.num_threads, backend=args.backend,
-                         quota_bytes=args.quota_bytes)
+    host, port = args.rest
+    try:
+        config = ServeConfig(data_dir=args.data_dir, rest_host=host, rest_port=port, socket_path=args.socket,
+                             pool_size=args.pool_size, num_threads=args.num_threads, backend=args.backend,
+                             quota_bytes=args.quota_bytes)
+    except ValidationError as exc:
+        for err in exc.errors():
+            print(f"edge-runtime serve: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
     runtime = Runtime(config)
 
     def ready(rt: Runtime) -> None:
@@ -112,14 +122,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def register(command: Any) -> None:
     def data_dir(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", type=Path, required=True, help="the runtime's state directory")
-        p.add_argument("--quota-bytes", type=int, default=None, help="disk quota for model blobs")
+        p.add_argument("--quota-bytes", type=positive_int, default=None, help="disk quota for model blobs")
 
     p = command("serve", "serve the store's models over REST and the fast path (no MQTT)")
     data_dir(p)
-    p.add_argument("--rest", default="127.0.0.1:8501", help="HOST:PORT for REST, or 'off'")
+    p.add_argument("--rest", type=rest_address, default="127.0.0.1:8501", help="HOST:PORT for REST, or 'off'")
     p.add_argument("--socket", type=Path, default=None, help="fast-path socket (default DATA_DIR/run/api.sock)")
-    p.add_argument("--pool-size", type=int, default=2, help="interpreters per model")
-    p.add_argument("--num-threads", type=int, default=1, help="threads per interpreter")
+    p.add_argument("--pool-size", type=positive_int, default=2, help="most interpreters per model (grown on demand)")
+    p.add_argument("--num-threads", type=positive_int, default=1, help="threads per interpreter")
     p.set_defaults(fn=cmd_serve)
 
     p = command("install", "install a .tflite file into the store and make it active")

@@ -1,7 +1,9 @@
-"""Plain-text tables and JSON output for the device CLI (no rich on a device: RSS matters)."""
+"""Plain-text tables, JSON output and argument types for the device CLI (no rich on a
+device: RSS matters)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -34,3 +36,14 @@ def _fmt(value: Any) -> str:
 
 def emit_json(obj: Any, *, out: TextIO | None = None) -> None:
     print(json.dumps(obj, indent=None, sort_keys=True, default=str), file=out or sys.stdout)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (bad values are usage errors, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value

@@ -146,19 +146,24 @@ class Runtime:
             try:
                 if self.store.revision() != self._revision:
                     self.sync()
-            except EdgeRuntimeError as exc:
-                log.error("store watch: %s", exc)
+            except Exception:  # EMFILE, EIO, a bug: log it and keep following the store
+                log.exception("store watch failed; retrying")
+                self._stop.wait(min(5.0, 10 * self.config.watch_interval_s))
 
-    def stop(self) -> None:
-        """Stop accepting, let in-flight calls finish, close the servers."""
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Close both doors first, then answer everything already admitted, then close.
+
+        Returns False if requests were still running after ``timeout``.
+        """
         self._stop.set()
         self._wake.set()
-        if self.fast:
-            self.fast.stop()
-        if self.rest:
-            self.rest.stop()
+        servers = [s for s in (self.fast, self.rest) if s is not None]
+        for server in servers:
+            server.begin_stop()
+        drained = all([server.finish_stop(timeout) for server in servers])
         if self._watcher:
             self._watcher.join(10)
+        return drained
 
     def run_until_signal(self, on_ready: Any = None) -> None:
         """Serve until SIGTERM/SIGINT; SIGHUP re-reads the store."""

@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import socketserver
+import stat
 import threading
 import time
 from pathlib import Path
@@ -33,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.api import framing, shm
-from edge_runtime.api.inflight import Connections, InFlight
+from edge_runtime.api.inflight import ByteBudget, Connections, InFlight
 from edge_runtime.engine import Engine
-from edge_runtime.errors import EdgeRuntimeError, InputError
+from edge_runtime.errors import EdgeRuntimeError, InputError, ModelUnavailable
 
 log = logging.getLogger(__name__)
 SOCKET_MODE = 0o660
@@ -45,22 +46,30 @@ _DRAIN_LIMIT = 1024 * 1024
 class Connection:
     """What one client connection holds besides its socket: its shared-memory region."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: ByteBudget, max_region: int) -> None:
         self.region: shm.ServerRegion | None = None
+        self._budget = budget
+        self._max_region = max_region
 
     def attach(self, header: dict[str, Any], fds: list[int]) -> None:
         if len(fds) != 1:
             raise InputError(f"attach_shm needs exactly one file descriptor, got {len(fds)}")
         size = header.get("size")
-        if not isinstance(size, int):
-            raise InputError("attach_shm needs an integer 'size'")
-        region = shm.ServerRegion(fds.pop(), size)
-        self.close()
-        self.region = region
+        if not isinstance(size, int) or not 0 < size <= self._max_region:
+            raise InputError(f"attach_shm needs an integer 'size' between 1 and {self._max_region}")
+        self.close()  # the old region's budget is returned before the new one is claimed
+        if not self._budget.try_acquire(size):
+            raise ModelUnavailable(f"shared memory budget exhausted ({self._budget.limit} bytes mapped); retry later")
+        try:
+            self.region = shm.ServerRegion(fds.pop(), size)
+        except BaseException:
+            self._budget.release(size)
+            raise
 
     def close(self) -> None:
         if self.region is not None:
             self.region.close()
+            self._budget.release(self.region.size)
             self.region = None
 
 
@@ -69,36 +78,52 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         sock: socket.socket = self.request
-        conn = Connection()
-        self.server.connections.add(sock)
+        conn = Connection(self.server.shm_budget, self.server.max_frame)
         try:
-            while not self.server.closing.is_set():
-                fds: list[int] = []
-                try:
-                    header, tensors = framing.recv_frame(sock, max_frame=self.server.max_frame, fds=fds)
-                except framing.PeerClosed:
-                    return
-                except (framing.FrameError, OSError) as exc:
-                    for fd in fds:  # descriptors nobody will claim must not leak
-                        os.close(fd)
-                    with contextlib.suppress(OSError):
-                        framing.send_frame(sock, _error("bad_frame", str(exc)))
-                        _linger_close(sock)
-                    return
-                # From here the request is accepted: a shutdown waits until it is answered.
-                with self.server.inflight:
-                    try:
-                        reply, out = self.server.dispatch(header, tensors, conn, fds)
-                    finally:
-                        for fd in fds:
-                            os.close(fd)
-                    try:
-                        framing.send_frame(sock, reply, out)
-                    except OSError:
-                        return
+            while self._one_request(sock, conn):
+                pass
         finally:
             self.server.connections.discard(sock)
             conn.close()
+
+    def _one_request(self, sock: socket.socket, conn: Connection) -> bool:
+        """Read, answer and account for one frame; False when the connection should end."""
+        server = self.server
+        fds: list[int] = []
+        claimed: list[int] = []
+        try:
+            sock.settimeout(server.idle_timeout)
+            try:
+                header, tensors = framing.recv_frame(sock, max_frame=server.max_frame, fds=fds, budget=server.recv_budget,
+                                                     claimed=claimed, frame_timeout=server.frame_timeout)
+            except framing.PeerClosed:
+                return False
+            except TimeoutError:
+                return False  # idle or too slow: the client reconnects when it next calls
+            except (framing.FrameError, OSError) as exc:
+                with contextlib.suppress(OSError):
+                    framing.send_frame(sock, _error("bad_frame", str(exc)))
+                    _linger_close(sock)
+                return False
+            # Admitted before close() -> drained and answered; after it -> told, not dropped.
+            if not server.inflight.try_enter():
+                with contextlib.suppress(OSError):
+                    framing.send_frame(sock, _error("shutting_down", "the runtime is stopping; retry shortly"))
+                return False
+            try:
+                reply, out = server.dispatch(header, tensors, conn, fds)
+                del tensors  # views into receive buffers / shared memory: free before replying
+                framing.send_frame(sock, reply, out)
+            except OSError:
+                return False
+            finally:
+                server.inflight.leave()
+            return not server.closing.is_set()
+        finally:
+            for fd in fds:  # descriptors nobody claimed must not leak, whatever happened
+                os.close(fd)
+            for n in claimed:
+                server.recv_budget.release(n)
 
 
 def _linger_close(sock: socket.socket) -> None:
@@ -114,6 +139,26 @@ def _linger_close(sock: socket.socket) -> None:
         left -= len(chunk)
 
 
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket left by a runtime that died; refuse to touch anything else."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ModelUnavailable(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody answers: stale
+        return
+    finally:
+        probe.close()
+    raise ModelUnavailable(f"another runtime is already serving on {path}")
+
+
 def _error(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "error": {"type": code, "message": message}}
 
@@ -123,23 +168,63 @@ class FastPathServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
     allow_reuse_address = False
     request_queue_size = 128  # socketserver's default of 5 refuses a burst of new clients
 
-    def __init__(self, path: str | os.PathLike[str], engine: Engine, *, max_frame: int = framing.DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        engine: Engine,
+        *,
+        max_frame: int = framing.DEFAULT_MAX_FRAME,
+        max_connections: int = 64,
+        idle_timeout: float = 300.0,
+        frame_timeout: float = 30.0,
+        recv_budget_bytes: int | None = None,
+        shm_budget_bytes: int | None = None,
+    ) -> None:
+        """Bind ``path`` (mode 0660) and serve ``engine``; not yet accepting (``start``).
+
+        Raises:
+            ModelUnavailable: another runtime is already serving on ``path``, or ``path``
+                exists and is not a socket (it is never deleted then).
+        """
         self.path = Path(path)
         self.engine = engine
         self.max_frame = max_frame
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
+        # Memory many clients may claim at once: bytes still arriving, and mapped regions.
+        self.recv_budget = ByteBudget(recv_budget_bytes or 2 * max_frame)
+        self.shm_budget = ByteBudget(shm_budget_bytes or 2 * max_frame)
         self.closing = threading.Event()
         self.inflight = InFlight()
         self.connections = Connections()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # a stale socket from a previous run
-        old_umask = os.umask(0o117)  # no window in which the socket is wider than 0660
-        try:
-            super().__init__(str(self.path), _Handler)
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, SOCKET_MODE)
+        _remove_stale_socket(self.path)
+        super().__init__(str(self.path), _Handler)
         self._thread: threading.Thread | None = None
+
+    def server_bind(self) -> None:
+        """Bind under a temporary name, set 0660, then rename into place: the socket is
+        never reachable with wider permissions, and no process-wide umask is touched."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        self.socket.bind(str(tmp))
+        try:
+            os.chmod(tmp, SOCKET_MODE)
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink()
+            raise
+        self.server_address = str(self.path)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.connections.try_add(request, self.max_connections):
+            with contextlib.suppress(OSError):
+                framing.send_frame(request, _error("busy", f"{self.max_connections} connections already open; retry later"))
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
 
     def dispatch(
         self, header: dict[str, Any], tensors: list[np.ndarray], conn: Connection | None = None, fds: list[int] | None = None
@@ -192,16 +277,24 @@ class FastPathServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="fastpath", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> bool:
-        """Stop accepting, answer every request already received, then close connections.
-
-        Returns False if requests were still running after ``timeout`` seconds.
-        """
+    def begin_stop(self) -> None:
+        """Admit no new request and accept no new connection; running requests go on."""
         self.closing.set()
+        self.inflight.close()
         self.shutdown()
         self.server_close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # new clients fail at once rather than queue on a dead socket
+
+    def finish_stop(self, timeout: float = 10.0) -> bool:
+        """Wait for admitted requests to be answered, then close every connection.
+
+        Returns False if requests were still running after ``timeout`` seconds.
+        """
         drained = self.inflight.drain(timeout)
         self.connections.close_all()
         return drained
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        self.begin_stop()
+        return self.finish_stop(timeout)

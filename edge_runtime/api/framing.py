@@ -16,6 +16,7 @@ import array
 import ast
 import io
 import json
+import math
 import socket
 import struct
 from collections.abc import Sequence
@@ -23,12 +24,16 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.api.inflight import ByteBudget
+
 MAGIC = b"EFT1"
 _PREFIX = struct.Struct("<4sII")
 _LEN = struct.Struct("<Q")
 MAX_HEADER = 64 * 1024
 MAX_TENSORS = 64
 MAX_FDS = 4
+# numpy's own limit for a trusted header; ours come from any local process.
+MAX_NPY_HEADER = 10_000
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 _NPY_MAGIC = b"\x93NUMPY"
 _header_cache: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
@@ -119,16 +124,29 @@ def _recv_exact(sock: socket.socket, n: int, *, first: bool = False, fds: list[i
 
 
 def recv_frame(
-    sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME, fds: list[int] | None = None
+    sock: socket.socket,
+    *,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    fds: list[int] | None = None,
+    budget: ByteBudget | None = None,
+    claimed: list[int] | None = None,
+    frame_timeout: float | None = None,
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """Read one frame; with ``fds``, file descriptors sent with it are appended there
-    (the caller owns and must close them, whatever happens next).
+    """Read one frame.
+
+    With ``fds``, file descriptors sent with it are appended there (the caller owns and
+    must close them, whatever happens next). With ``budget``, each tensor's size is claimed
+    from it *before* its buffer is allocated (a peer may announce 200 MB and send 50
+    bytes), and the claims are appended to ``claimed`` for the caller to release once the
+    request is answered. ``frame_timeout`` bounds the rest of a frame once it has begun.
 
     Raises:
         PeerClosed: the peer closed cleanly before a new frame.
-        FrameError: anything malformed or over ``max_frame`` bytes; nothing past it is read.
+        FrameError: anything malformed, over ``max_frame`` bytes, or over the budget.
     """
     magic, head_len, count = _PREFIX.unpack(_recv_exact(sock, _PREFIX.size, first=True, fds=fds))
+    if frame_timeout is not None:
+        sock.settimeout(frame_timeout)
     if magic != MAGIC:
         raise FrameError(f"bad frame magic {bytes(magic)!r}, expected {MAGIC!r}")
     if head_len > MAX_HEADER:
@@ -148,23 +166,45 @@ def recv_frame(
         total += _LEN.size + size
         if total > max_frame:
             raise FrameError(f"frame exceeds {max_frame} bytes")
+        if budget is not None:
+            if not budget.try_acquire(size):
+                raise FrameError(f"server busy: {size} more bytes in flight would exceed {budget.limit}; retry later")
+            if claimed is not None:
+                claimed.append(size)
         tensors.append(decode_npy(_recv_exact(sock, size)))
     return header, tensors
 
 
 def decode_npy(buf: bytearray) -> np.ndarray:
-    """An array over ``buf`` (no copy) from one `.npy` blob; refuses pickles and short data."""
-    if bytes(buf[:6]) != _NPY_MAGIC or len(buf) < 10:
+    """An array over ``buf`` (no copy) from one `.npy` blob; refuses pickles and short data.
+
+    Raises:
+        FrameError: for anything that is not a well-formed, pickle-free `.npy` blob.
+    """
+    try:
+        return _decode_npy(buf)
+    except FrameError:
+        raise
+    except Exception as exc:  # struct/numpy raise many types on junk; all mean "bad tensor"
+        raise FrameError(f"bad .npy tensor: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode_npy(buf: bytearray) -> np.ndarray:
+    if len(buf) < 10 or bytes(buf[:6]) != _NPY_MAGIC:
         raise FrameError("tensor is not a .npy blob")
     major = buf[6]
     if major == 1:
         (hlen,) = struct.unpack_from("<H", buf, 8)
         start = 10
-    elif major in (2, 3):
+    elif major in (2, 3) and len(buf) >= 12:
         (hlen,) = struct.unpack_from("<I", buf, 8)
         start = 12
     else:
-        raise FrameError(f"unsupported .npy format version {major}")
+        raise FrameError(f"unsupported or short .npy header (format version {major})")
+    if hlen > MAX_NPY_HEADER:
+        raise FrameError(f".npy header of {hlen} bytes exceeds {MAX_NPY_HEADER}")
+    if start + hlen > len(buf):
+        raise FrameError(".npy header runs past the tensor")
     raw = bytes(buf[start : start + hlen])
     parsed = _header_cache.get(raw)
     if parsed is None:
@@ -188,8 +228,10 @@ def _parse_npy_header(raw: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
         raise FrameError(f"bad .npy header: {exc}") from exc
     if dtype.hasobject:
         raise FrameError("object (pickled) arrays are refused")
+    if dtype.itemsize == 0:
+        raise FrameError(f"dtype {dtype} has no size")
     if fortran:
         raise FrameError("Fortran-ordered arrays are refused; send C order")
     if any(x < 0 for x in shape):
         raise FrameError(f"negative dimension in shape {shape}")
-    return dtype, shape, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return dtype, shape, math.prod(shape) * dtype.itemsize  # Python ints: no overflow

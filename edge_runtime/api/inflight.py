@@ -2,8 +2,9 @@
 
 The servers use daemon threads (a keep-alive client must not hold the process open), so
 nothing would otherwise wait for a request that was read but not yet answered. Each request
-is counted from the moment its bytes are complete until its answer is sent; ``drain`` waits
-for the count to reach zero, with a deadline (systemd's stop timeout is the outer bound).
+is admitted once its bytes are complete and counted until its answer is sent; ``drain``
+waits for the count to reach zero, with a deadline (systemd's stop timeout is the outer
+bound). ``ByteBudget`` bounds the memory that requests still arriving may claim.
 """
 
 from __future__ import annotations
@@ -14,27 +15,44 @@ import time
 
 
 class InFlight:
+    """Admission and counting of requests, decided under one lock with the closing flag:
+    a request is either admitted before ``close`` (and then ``drain`` waits for it) or
+    refused after it (and the caller answers "shutting down") — never lost in between."""
+
     def __init__(self) -> None:
         self._count = 0
+        self._closed = False
         self._cond = threading.Condition()
 
-    def __enter__(self) -> InFlight:
+    def try_enter(self) -> bool:
+        """Admit one request; False once closing (answer it with a shutting-down error)."""
         with self._cond:
+            if self._closed:
+                return False
             self._count += 1
-        return self
+            return True
 
-    def __exit__(self, *exc: object) -> None:
+    def leave(self) -> None:
         with self._cond:
             self._count -= 1
             if self._count == 0:
                 self._cond.notify_all()
+
+    def close(self) -> None:
+        """Admit nothing more; requests already admitted still run."""
+        with self._cond:
+            self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def count(self) -> int:
         return self._count
 
     def drain(self, timeout: float) -> bool:
-        """Wait until no request is in flight; False if ``timeout`` passed first."""
+        """Wait until no admitted request is running; False if ``timeout`` passed first."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._count:
@@ -57,6 +75,17 @@ class Connections:
         with self._lock:
             self._socks.add(sock)
 
+    def try_add(self, sock: socket.socket, limit: int) -> bool:
+        """Track ``sock`` unless ``limit`` connections are already open."""
+        with self._lock:
+            if len(self._socks) >= limit:
+                return False
+            self._socks.add(sock)
+            return True
+
+    def __len__(self) -> int:
+        return len(self._socks)
+
     def discard(self, sock: socket.socket) -> None:
         with self._lock:
             self._socks.discard(sock)
@@ -69,3 +98,28 @@ class Connections:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class ByteBudget:
+    """Bytes that requests may claim at once (receive buffers, mapped shared memory), so
+    that many slow or lying clients cannot make the daemon allocate more than ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def try_acquire(self, n: int) -> bool:
+        with self._lock:
+            if self._used + n > self.limit:
+                return False
+            self._used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self._used -= n
+
+    @property
+    def used(self) -> int:
+        return self._used

@@ -28,7 +28,6 @@ from edge_runtime.errors import InputError
 
 ALIGN = 64
 REQUIRED_SEALS = fcntl.F_SEAL_SHRINK
-MAX_REGION = 1 << 31
 
 
 def supported() -> bool:
@@ -80,15 +79,17 @@ class ServerRegion:
     def __init__(self, fd: int, size: int) -> None:
         """Map ``fd`` (which this object then owns and closes).
 
+        The caller bounds ``size`` (per region and in total) before calling.
+
         Raises:
-            InputError: not sealed against shrinking, smaller than announced, or too big.
+            InputError: not sealed against shrinking, or smaller than announced.
         """
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
             if seals & REQUIRED_SEALS != REQUIRED_SEALS:
                 raise InputError("shared memory must be a memfd sealed with F_SEAL_SHRINK")
             actual = os.fstat(fd).st_size
-            if not 0 < size <= actual or size > MAX_REGION:
+            if not 0 < size <= actual:
                 raise InputError(f"shared memory of {actual} bytes cannot back the announced {size}")
             self.size = size
             self.map = mmap.mmap(fd, size, prot=mmap.PROT_READ)

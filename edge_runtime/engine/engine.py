@@ -119,9 +119,9 @@ class Engine:
     def activate(self, model: LoadedModel) -> LoadedModel | None:
         """Serve ``model`` from now on; return the version it replaced."""
         with self._write_lock:
+            self._stats.setdefault(model.name, ModelStats())  # before the model is visible
             old = self._active.get(model.name)
             self._active[model.name] = model
-            self._stats.setdefault(model.name, ModelStats())
             self._unavailable.pop(model.name, None)
         return old
 
@@ -161,7 +161,7 @@ class Engine:
         return sorted(self._active)
 
     def models(self) -> list[LoadedModel]:
-        return [self._active[n] for n in sorted(self._active)]
+        return [m for _, m in sorted(self._active.items())]  # one snapshot: unloads may race
 
     def stats(self, name: str) -> ModelStats:
         return self._stats.setdefault(name, ModelStats())
@@ -180,7 +180,16 @@ class Engine:
     ) -> tuple[str, dict[str, np.ndarray]]:
         """``predict`` that also says which version answered (swaps happen between calls)."""
         model = self.get(name)  # one reference read: this call stays on this version
-        stats = self._stats[name]
+        return model.version, self.predict_on(model, inputs, coerce=coerce)
+
+    def predict_on(self, model: LoadedModel, inputs: Feeds, *, coerce: bool = False) -> dict[str, np.ndarray]:
+        """Run on one version the caller already holds (several calls that must agree on
+        the version, e.g. the chunks of one REST request, even if a swap lands between them).
+
+        Raises:
+            InputError: the inputs do not match the model's signature.
+        """
+        stats = self.stats(model.name)
         start = time.perf_counter()
         try:
             out = model.predict(inputs, coerce=coerce)
@@ -189,4 +198,4 @@ class Engine:
             raise
         stats.calls += 1
         stats.latencies_s.append(time.perf_counter() - start)
-        return model.version, out
+        return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from edge_runtime.engine.backends import Backend
 from edge_runtime.engine.signature import Signature
 
 log = logging.getLogger(__name__)
+_GROWTH_RETRY_S = 5.0
 
 
 class InterpreterPool:
@@ -50,6 +52,7 @@ class InterpreterPool:
         self._free: list[Any] = list(self._all)
         self._cond = threading.Condition(threading.Lock())
         self._growing = False
+        self._retry_growth_at = 0.0
         self.size = size
 
     @property
@@ -59,9 +62,13 @@ class InterpreterPool:
 
     def _acquire(self) -> Any:
         with self._cond:
-            if not self._free and not self._growing and len(self._all) < self.size:
-                self._growing = True
-                threading.Thread(target=self._grow, name="pool-grow", daemon=True).start()
+            if (not self._free and not self._growing and len(self._all) < self.size
+                    and time.monotonic() >= self._retry_growth_at):
+                try:
+                    threading.Thread(target=self._grow, name="pool-grow", daemon=True).start()
+                    self._growing = True
+                except RuntimeError:  # no thread to be had right now: serve with what we have
+                    self._retry_growth_at = time.monotonic() + _GROWTH_RETRY_S
             while not self._free:
                 self._cond.wait()
             return self._free.pop()
@@ -76,12 +83,12 @@ class InterpreterPool:
         try:
             interp = self._backend.interpreter(self._path, num_threads=self._num_threads)
             self._invoke_zeros(interp)
-        except Exception:  # the file loaded once already; if it cannot again, stop growing
+        except Exception:  # e.g. ENOMEM/EMFILE: transient, so try again later rather than never
             log.exception("could not add an interpreter to the pool of %s", self._path)
         with self._cond:
             self._growing = False
             if interp is None:
-                self.size = len(self._all)
+                self._retry_growth_at = time.monotonic() + _GROWTH_RETRY_S
                 return
             self._all.append(interp)
             self._free.append(interp)

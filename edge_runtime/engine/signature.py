@@ -157,4 +157,11 @@ def _coerce(spec: TensorSpec, value: Any) -> np.ndarray:
             )
     elif spec.dtype.kind == "b" and raw.dtype.kind != "b":
         raise InputError(f"input {spec.name!r}: expected booleans, got {raw.dtype.name}")
+    elif spec.dtype.kind == "f" and raw.size:
+        # Finite values that would become inf in the model's precision are refused. NaN
+        # and inf themselves pass through, as TF Serving lets them (a model may want them).
+        finite = raw[np.isfinite(raw)] if raw.dtype.kind == "f" else raw
+        limit = np.finfo(spec.dtype).max
+        if finite.size and (np.max(finite) > limit or np.min(finite) < -limit):
+            raise InputError(f"input {spec.name!r}: values beyond the {spec.dtype.name} range (±{limit:.3g})")
     return raw.astype(spec.dtype)

@@ -314,3 +314,55 @@ def test_pool_grows_only_under_contention_and_never_makes_a_call_wait_for_a_busy
     blocked.join(10)
     # A new version starts as large as the one it replaces has grown.
     assert engine.swap("tiny", "v2", model_files["tiny_v2"]).pool.count == 2
+
+
+def test_json_values_beyond_float32_are_refused_not_turned_into_inf(engine: Engine, model_files: dict[str, Path]) -> None:
+    engine.swap("tiny", "1", model_files["tiny_v1"])
+    with pytest.raises(InputError, match="beyond the float32 range"):
+        engine.predict("tiny", {"x": [[1e39] * 16]}, coerce=True)
+
+
+def test_a_failed_growth_is_retried_later_not_forever_capped(model_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_runtime.engine import pool as pool_mod
+
+    engine = Engine(pool_size=3)
+    model = engine.swap("tiny", "1", model_files["tiny_v1"])
+    real = model.pool._backend
+    calls = {"n": 0}
+
+    class Flaky:
+        name, version = real.name, real.version
+
+        def interpreter(self, path: Any, *, num_threads: int = 1) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError(24, "Too many open files")  # one transient failure
+            return real.interpreter(path, num_threads=num_threads)
+
+    model.pool._backend = Flaky()
+    monkeypatch.setattr(pool_mod, "_GROWTH_RETRY_S", 0.0)
+    first = model.pool._all[0]
+    in_invoke, release = threading.Event(), threading.Event()
+    real_invoke = first.invoke
+
+    def stuck() -> None:
+        in_invoke.set()
+        assert release.wait(30)
+        real_invoke()
+
+    first.invoke = stuck
+    blocked = threading.Thread(target=engine.predict, args=("tiny", {"x": np.zeros((1, 16), np.float32)}))
+    blocked.start()
+    assert in_invoke.wait(10)
+    # The first growth fails; this call waits, and the pool keeps its configured size.
+    waiter = threading.Thread(target=engine.predict, args=("tiny", {"x": np.zeros((1, 16), np.float32)}))
+    waiter.start()
+    wait_until(lambda: calls["n"] >= 1 and not model.pool._growing, what="the failed growth")
+    assert model.pool.size == 3
+    # The next contended call grows it for real.
+    third = threading.Thread(target=engine.predict, args=("tiny", {"x": np.zeros((1, 16), np.float32)}))
+    third.start()
+    wait_until(lambda: model.pool.count == 2, what="a retried growth")
+    release.set()
+    for t in (blocked, waiter, third):
+        t.join(10)
