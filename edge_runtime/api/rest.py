@@ -9,7 +9,13 @@
     GET  /healthz                           liveness + what is served
 
 Errors are ``{"error": message, "type": code}`` with 400 (bad request or input), 404 (no
-such model or route), 413 (body too large), 503 (cannot serve now). HTTP/1.1 keep-alive.
+such model or route), 411/413 (body missing or too large), 501 (Transfer-Encoding), 503
+(cannot serve now: model unavailable, ``busy`` past the connection cap, ``shutting_down``).
+
+HTTP/1.1 keep-alive. Every request's body is read (or the connection closed) before it is
+routed, so the next request on a connection always starts where the server thinks it does;
+framing the server cannot follow (chunked bodies, a Content-Length that is not plain digits,
+two Content-Lengths) is refused and the connection closed.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -30,6 +38,11 @@ from edge_runtime.errors import EdgeRuntimeError, InputError, ModelNotFound
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 _DRAIN_LIMIT = 16 * 1024 * 1024
+DEFAULT_IDLE_TIMEOUT = 30.0
+DEFAULT_MAX_CONNECTIONS = 64
+# Plain digits only: int() would also take "-1", "+5", "1_0" and non-ASCII digits. 18 digits
+# keep int() cheap and are far past any body limit.
+_CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
 _MODEL_RE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?P<rest>/metadata|:predict)?$")
 
 
@@ -62,7 +75,8 @@ def model_metadata(model: LoadedModel) -> dict[str, Any]:
 
 
 def predict_body(engine: Engine, name: str, version: str | None, body: Any) -> dict[str, Any]:
-    """Answer one TF Serving predict body.
+    """Answer one TF Serving predict body, entirely from one model version (the one looked up
+    here), even if a swap lands between its chunks.
 
     Raises:
         InputError, ModelNotFound: as ``Engine.predict``; also for bodies of the wrong shape.
@@ -77,7 +91,8 @@ def predict_body(engine: Engine, name: str, version: str | None, body: Any) -> d
         raise InputError("the body needs exactly one of 'instances' (row format) or 'inputs' (column format)")
     if has_cols:
         cols = body["inputs"]
-        out = engine.predict(name, cols if isinstance(cols, dict) else [cols] if len(model.signature.inputs) == 1 else cols, coerce=True)
+        feeds = cols if isinstance(cols, dict) else [cols] if len(model.signature.inputs) == 1 else cols
+        out = engine.predict_on(model, feeds, coerce=True)
         return {"outputs": _jsonable(out)}
     return {"predictions": _predict_rows(engine, model, body["instances"])}
 
@@ -102,7 +117,7 @@ def _predict_rows(engine: Engine, model: LoadedModel, instances: Any) -> list[An
             if any(set(c) != keys for c in chunk):
                 raise InputError("every instance must name the same inputs")
             feeds = {k: [c[k] for c in chunk] for k in keys}
-        out = engine.predict(model.name, feeds, coerce=True)
+        out = engine.predict_on(model, feeds, coerce=True)
         for i in range(len(chunk)):
             if len(out) == 1:
                 rows.append(next(iter(out.values()))[i].tolist())
@@ -122,6 +137,10 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body leave in two writes; without TCP_NODELAY the second waits for the
     # client's delayed ACK (~40 ms per keep-alive request).
     disable_nagle_algorithm = True
+    # Socket timeout for every read and write (StreamRequestHandler applies it in setup;
+    # http.server then closes the connection): an idle keep-alive client or a stalled
+    # request does not hold a thread forever. Set per server from ``idle_timeout``.
+    timeout: float | None = DEFAULT_IDLE_TIMEOUT
     server: RestServer
     server_version = "edge-runtime"
 
@@ -129,6 +148,7 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     def setup(self) -> None:
+        self.timeout = self.server.idle_timeout
         super().setup()
         self.server.connections.add(self.connection)
 
@@ -141,20 +161,39 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        if self.server.closing.is_set():
-            self.close_connection = True
-            self.send_header("Connection", "close")
+        if self.close_connection or self.server.closing.is_set():
+            self.send_header("Connection", "close")  # also sets close_connection
         self.end_headers()
         self.wfile.write(data)
 
     def _fail(self, status: int, code: str, message: str) -> None:
         self._send(status, {"error": message, "type": code})
 
-    def _guard(self, fn: Any) -> None:
-        with self.server.inflight:  # a shutdown waits for this answer
-            self._answer(fn)
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        self._serve(self._get)
 
-    def _answer(self, fn: Any) -> None:
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        self._serve(self._post)
+
+    def _serve(self, route: Callable[[bytes | None], tuple[int, Any]]) -> None:
+        """Read the body, then admit, answer and leave. Admission waits for the whole body
+        so that a shutdown waits only for requests it can answer, never for a client that
+        stopped sending halfway."""
+        try:
+            body = self._read_body()
+        except HTTPError as exc:
+            self._fail(exc.status, exc.code, str(exc))
+            return
+        if not self.server.inflight.try_enter():
+            self.close_connection = True
+            self._fail(503, "shutting_down", "the server is shutting down; retry shortly")
+            return
+        try:
+            self._answer(lambda: route(body))
+        finally:
+            self.server.inflight.leave()  # after the answer is written: drain waits for it
+
+    def _answer(self, fn: Callable[[], tuple[int, Any]]) -> None:
         try:
             status, payload = fn()
             self._send(status, payload)
@@ -166,13 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("REST request failed")
             self._fail(500, "internal", f"{type(exc).__name__}: {exc}")
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
-        self._guard(self._get)
-
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
-        self._guard(self._post)
-
-    def _get(self) -> tuple[int, Any]:
+    def _get(self, _body: bytes | None) -> tuple[int, Any]:
         path = self.path.split("?", 1)[0]
         engine = self.server.engine
         if path == "/healthz":
@@ -187,31 +220,65 @@ class _Handler(BaseHTTPRequestHandler):
             raise ModelNotFound(f"model {model.name!r} version {m['version']!r} is not served; active is {model.version!r}")
         return 200, model_metadata(model) if m["rest"] == "/metadata" else model_status(model)
 
-    def _post(self) -> tuple[int, Any]:
+    def _post(self, body: bytes | None) -> tuple[int, Any]:
         path = self.path.split("?", 1)[0]
         m = _MODEL_RE.match(path)
         if not m or m["rest"] != ":predict":
-            self._drain()
             raise HTTPError(404, "not_found", f"no route POST {path}")
-        body = self._read_json()
-        return 200, predict_body(self.server.engine, m["name"], m["version"], body)
+        if body is None:
+            self.close_connection = True  # a client that frames no body may also send one unframed
+            raise HTTPError(411, "length_required", "send a Content-Length header")
+        return 200, predict_body(self.server.engine, m["name"], m["version"], _parse_json(body))
 
-    def _drain(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if 0 < length <= self.server.max_body:
-            self.rfile.read(length)
-        elif length:
+    def _body_length(self) -> int | None:
+        """The announced body length; None if the request has no body.
+
+        Raises:
+            HTTPError: framing this server does not follow (the caller closes the connection).
+        """
+        if self.headers.get_all("Transfer-Encoding"):
+            raise HTTPError(501, "not_implemented", "Transfer-Encoding is not supported; send Content-Length")
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            return None
+        if len(values) > 1 or not _CONTENT_LENGTH_RE.fullmatch(values[0].strip(" \t")):
+            raise HTTPError(400, "bad_request", f"bad Content-Length {', '.join(values)!r}: expected one decimal number")
+        return int(values[0].strip(" \t"))
+
+    def _read_body(self) -> bytes | None:
+        """Consume this request's body, whatever the method and route, so the next request
+        on the connection starts right after it; on any error the connection is closed,
+        since where the next request starts is then unknown.
+
+        Raises:
+            HTTPError: bad framing, a body over ``max_body``, or a body cut short.
+        """
+        try:
+            length = self._body_length()
+            if length is None:
+                return None
+            if length > self.server.max_body:
+                # Read (and drop) a bounded amount so the client, still sending, sees the 413
+                # instead of a broken pipe; past that, close: the rest is not worth reading.
+                self._discard(min(length, _DRAIN_LIMIT))
+                raise HTTPError(413, "too_large", f"body of {length} bytes exceeds the limit of {self.server.max_body}")
+            body = self.rfile.read(length)
+            if len(body) < length:
+                raise HTTPError(400, "bad_request", f"the body ended after {len(body)} of {length} bytes")
+            return body
+        except HTTPError:
             self.close_connection = True
+            raise
 
     def handle_expect_100(self) -> bool:
-        """Refuse an announced oversized body before the client sends it."""
+        """Refuse an announced oversized (or unframeable) body before the client sends it."""
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = 0
-        if length > self.server.max_body:
+            length = self._body_length()
+            if length is not None and length > self.server.max_body:
+                raise HTTPError(413, "too_large", f"body of {length} bytes exceeds the limit of {self.server.max_body}")
+        except HTTPError as exc:
             self.close_connection = True
-            self._fail(413, "too_large", f"body of {length} bytes exceeds the limit of {self.server.max_body}")
+            self._fail(exc.status, exc.code, str(exc))
             return False
         return super().handle_expect_100()
 
@@ -222,36 +289,54 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             n -= len(chunk)
 
-    def _read_json(self) -> Any:
-        raw_len = self.headers.get("Content-Length")
-        if raw_len is None:
-            self.close_connection = True
-            raise HTTPError(411, "length_required", "send a Content-Length header")
-        try:
-            length = int(raw_len)
-        except ValueError:
-            self.close_connection = True
-            raise HTTPError(400, "bad_request", f"bad Content-Length {raw_len!r}") from None
-        if length > self.server.max_body:
-            # Read (and drop) a bounded amount so the client, still sending, sees the 413
-            # instead of a broken pipe; past that, close: the rest is not worth reading.
-            self._discard(min(length, _DRAIN_LIMIT))
-            self.close_connection = True
-            raise HTTPError(413, "too_large", f"body of {length} bytes exceeds the limit of {self.server.max_body}")
-        raw = self.rfile.read(length)
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HTTPError(400, "bad_json", f"body is not valid JSON: {exc}") from exc
+
+def _parse_json(raw: bytes) -> Any:
+    """
+    Raises:
+        HTTPError: 400 ``bad_json``.
+    """
+    try:
+        return json.loads(raw)
+    # ValueError covers bad UTF-8 and syntax, but also integers past Python's digit limit;
+    # RecursionError is deep nesting. Both are the client's malformed body, not our fault.
+    except (ValueError, RecursionError) as exc:
+        raise HTTPError(400, "bad_json", f"body is not valid JSON: {exc}") from None
+
+
+def _raw_json_response(status: int, reason: str, payload: Any) -> bytes:
+    data = json.dumps(payload, separators=(",", ":")).encode()
+    head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+    return head.encode() + b"Connection: close\r\n\r\n" + data
 
 
 class RestServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, host: str, port: int, engine: Engine, *, max_body: int = DEFAULT_MAX_BODY) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        engine: Engine,
+        *,
+        max_body: int = DEFAULT_MAX_BODY,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        """Bind ``host:port`` and serve ``engine``; not yet accepting (``start``).
+
+        ``idle_timeout``: seconds any one read or write on a connection may wait (an idle
+        keep-alive client, a stalled request) before the connection is closed.
+        ``max_connections``: connections served at once (one thread each); beyond it a new
+        connection is answered 503 ``busy`` and closed.
+        """
         self.engine = engine
         self.max_body = max_body
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._busy = _raw_json_response(503, "Service Unavailable", {
+            "error": f"{max_connections} connections already open; retry later", "type": "busy"})
         self.closing = threading.Event()
         self.inflight = InFlight()
         self.connections = Connections()
@@ -263,18 +348,68 @@ class RestServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Past the cap, answer from the accept thread without starting one: a flood of slow
+        # clients then costs no threads. Non-blocking, so no client can stall accepting.
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.setblocking(False)
+                request.send(self._busy)
+                request.recv(65536)  # take what the client already sent: closing on unread data resets
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread started to release it
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # the client went away, or finish_stop shut its socket
+            log.debug("REST connection from %s ended: %r", client_address, exc)
+        else:
+            log.exception("REST connection from %s failed", client_address)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="rest", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> bool:
-        """Stop accepting, answer requests already received, then close keep-alive connections."""
+    def begin_stop(self) -> None:
+        """Admit no new request and accept no new connection; admitted requests go on.
+
+        Requests whose body completes from now on get 503 ``shutting_down``. The runtime
+        calls this on every server before ``finish_stop`` on any, so none takes new work
+        while another drains.
+        """
         self.closing.set()
-        self.shutdown()
+        self.inflight.close()
+        if self._thread is not None:  # shutdown() waits for serve_forever, which must be running
+            self.shutdown()
         self.server_close()
+
+    def finish_stop(self, timeout: float = 10.0) -> bool:
+        """Wait for admitted requests to be answered, then close every connection (idle
+        keep-alive ones, and ones still sending a body that will never be admitted).
+
+        Returns False if requests were still running after ``timeout`` seconds.
+        """
         drained = self.inflight.drain(timeout)
         self.connections.close_all()
         return drained
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """``begin_stop`` then ``finish_stop``."""
+        self.begin_stop()
+        return self.finish_stop(timeout)
 
 
 __all__ = ["RestServer", "predict_body"]
