@@ -6,6 +6,7 @@
      ├── InputError              a predict call's tensors do not match the model (caller's fault)
      ├── ModelNotFound           no such model is served
      ├── ModelUnavailable        the model exists but cannot serve right now (retry later)
+     │    └── TooManyConnections the server refused the connection before reading a request
      ├── StoreError
      │    ├── StoreCorrupt       the state file or a blob does not hold what it should
      │    ├── QuotaExceeded      the install would take the store past its disk quota
@@ -72,6 +73,12 @@ class ModelNotFound(EdgeRuntimeError):
 class ModelUnavailable(EdgeRuntimeError):
     code = "model_unavailable"
     http_status = 503
+
+
+class TooManyConnections(ModelUnavailable):
+    """Refused at the door, before any request was read: always safe to retry."""
+
+    code = "too_many_connections"
 
 
 class StoreError(EdgeRuntimeError):

@@ -28,6 +28,7 @@ from edge_runtime.store import ModelStore
 from edge_runtime.store.state import StoreState
 
 log = logging.getLogger(__name__)
+_THREAD_STACK_BYTES = 2 * 1024 * 1024
 
 
 class ServeConfig(BaseModel):
@@ -83,6 +84,9 @@ class Runtime:
     """Owns the engine, the store and the servers for one data dir."""
 
     def __init__(self, config: ServeConfig) -> None:
+        # One thread per connection (up to a few hundred): small stacks keep that cheap in
+        # address space on 32-bit boards. Set before any server thread exists.
+        threading.stack_size(_THREAD_STACK_BYTES)
         self.config = config
         self.engine = Engine(backend=load_backend(config.backend), pool_size=config.pool_size, num_threads=config.num_threads)
         self.store = ModelStore(config.data_dir, quota_bytes=config.quota_bytes, keep_previous=config.keep_previous)

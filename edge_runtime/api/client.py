@@ -24,7 +24,7 @@ import numpy as np
 
 from edge_runtime.api import framing
 from edge_runtime.api import shm as shm_mod
-from edge_runtime.errors import EdgeRuntimeError, ModelUnavailable, error_from_dict
+from edge_runtime.errors import EdgeRuntimeError, ModelUnavailable, TooManyConnections, error_from_dict
 
 
 class FastPathClient:
@@ -77,7 +77,23 @@ class FastPathClient:
                 raise ModelUnavailable(f"cannot reach the runtime at {self.path}: {exc}") from exc
 
     def call(self, header: dict[str, Any], tensors: Sequence[np.ndarray] = ()) -> tuple[dict[str, Any], list[np.ndarray]]:
-        """One request/response; raises the runtime's typed error on ``ok: false``."""
+        """One request/response; raises the runtime's typed error on ``ok: false``.
+
+        A connection refused at the door (too many open) read nothing, so it is retried
+        with backoff until ``timeout``: a burst of clients queues instead of failing.
+        """
+        deadline = time.monotonic() + self.timeout
+        delay = 0.005
+        while True:
+            try:
+                return self._call_once(header, tensors)
+            except TooManyConnections:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)  # backoff: the runtime asked us to come back later
+                delay = min(delay * 2, 0.2)
+
+    def _call_once(self, header: dict[str, Any], tensors: Sequence[np.ndarray]) -> tuple[dict[str, Any], list[np.ndarray]]:
         with self._lock:
             for attempt in (0, 1):
                 fresh = self._sock is None
@@ -98,7 +114,16 @@ class FastPathClient:
                     if fresh or attempt == 1:
                         raise ModelUnavailable(f"fast path call failed: {exc}") from exc
         self.last_reply = reply
+        if not reply.get("ok") and (reply.get("error") or {}).get("type") == "too_many_connections":
+            self._drop_connection()  # the server closed it
         return self._check(reply), out
+
+    def _drop_connection(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            self._attached = False
 
     def _prepare(self, sock: socket.socket, header: dict[str, Any], tensors: Sequence[np.ndarray]) -> tuple[dict[str, Any], Sequence[np.ndarray]]:
         """Move large inputs into shared memory (attaching a region first if needed)."""

@@ -174,7 +174,7 @@ class FastPathServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         engine: Engine,
         *,
         max_frame: int = framing.DEFAULT_MAX_FRAME,
-        max_connections: int = 64,
+        max_connections: int = 256,
         idle_timeout: float = 300.0,
         frame_timeout: float = 30.0,
         recv_budget_bytes: int | None = None,
@@ -221,7 +221,7 @@ class FastPathServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.connections.try_add(request, self.max_connections):
             with contextlib.suppress(OSError):
-                framing.send_frame(request, _error("busy", f"{self.max_connections} connections already open; retry later"))
+                framing.send_frame(request, _error("too_many_connections", f"{self.max_connections} connections already open; retry later"))
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
