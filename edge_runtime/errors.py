@@ -6,7 +6,8 @@
      ├── InputError              a predict call's tensors do not match the model (caller's fault)
      ├── ModelNotFound           no such model is served
      ├── ModelUnavailable        the model exists but cannot serve right now (retry later)
-     │    └── TooManyConnections the server refused the connection before reading a request
+     │    ├── TooManyConnections the server refused the connection before reading a request
+     │    └── ShuttingDown       the server is stopping and admitted no new request
      ├── StoreError
      │    ├── StoreCorrupt       the state file or a blob does not hold what it should
      │    ├── QuotaExceeded      the install would take the store past its disk quota
@@ -79,6 +80,10 @@ class TooManyConnections(ModelUnavailable):
     """Refused at the door, before any request was read: always safe to retry."""
 
     code = "too_many_connections"
+
+
+class ShuttingDown(ModelUnavailable):
+    code = "shutting_down"
 
 
 class StoreError(EdgeRuntimeError):

@@ -104,7 +104,12 @@ class FastPathClient:
                 assert sock is not None
                 try:
                     head, inline = self._prepare(sock, header, tensors)
-                    framing.send_buffers(sock, framing.encode(head, inline))
+                    try:
+                        framing.send_buffers(sock, framing.encode(head, inline))
+                    except (BrokenPipeError, ConnectionResetError):
+                        # The server may have answered and closed before reading us (too
+                        # many connections, shutting down): its answer is still readable.
+                        pass
                     reply, out = framing.recv_frame(sock)
                     break
                 except (OSError, framing.FrameError) as exc:

@@ -118,7 +118,9 @@ class _Handler(socketserver.BaseRequestHandler):
                 return False
             finally:
                 server.inflight.leave()
-            return not server.closing.is_set()
+            # Keep reading even when closing: a request sent now gets an explicit
+            # "shutting_down" rather than a reset; finish_stop closes idle connections.
+            return True
         finally:
             for fd in fds:  # descriptors nobody claimed must not leak, whatever happened
                 os.close(fd)

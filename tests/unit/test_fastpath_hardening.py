@@ -33,8 +33,8 @@ def engine(model_files: dict[str, Path]) -> Engine:
 
 @pytest.fixture
 def server(engine: Engine, tmp_path: Path) -> Iterator[FastPathServer]:
-    s = FastPathServer(tmp_path / "api.sock", engine, max_frame=4 << 20, max_connections=8, idle_timeout=2.0,
-                       frame_timeout=1.0, recv_budget_bytes=8 << 20, shm_budget_bytes=8 << 20)
+    s = FastPathServer(tmp_path / "api.sock", engine, max_frame=4 << 20, max_connections=8, idle_timeout=60.0,
+                       frame_timeout=30.0, recv_budget_bytes=8 << 20, shm_budget_bytes=8 << 20)
     s.start()
     yield s
     s.stop(timeout=5)
@@ -134,7 +134,16 @@ def test_connections_are_capped(server: FastPathServer) -> None:
     _still_serves(server)
 
 
-def test_idle_and_half_sent_connections_are_closed(server: FastPathServer) -> None:
+def test_idle_and_half_sent_connections_are_closed(engine: Engine, tmp_path: Path) -> None:
+    server = FastPathServer(tmp_path / "short.sock", engine, idle_timeout=1.0, frame_timeout=0.5)
+    server.start()
+    try:
+        _check_timeouts(server)
+    finally:
+        server.stop(5)
+
+
+def _check_timeouts(server: FastPathServer) -> None:
     idle = _connect(server)
     slow = _connect(server)
     slow.sendall(struct.pack("<4sII", framing.MAGIC, 100, 0))  # the header never comes
