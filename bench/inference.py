@@ -203,6 +203,7 @@ def main() -> int:
             lat = latency_section(p1, v1, ready["rest"], sock, iterations, rest_iterations)
             swap = swap_section(store, sock, v1.sample_inputs(seed=0), swaps, 4, steady_s)
             busy_rss = psutil.Process(proc.pid).memory_info().rss / 2**20
+            after_rss = settle_rss(proc.pid)  # idle again after the swaps (memory handed back?)
         finally:
             proc.terminate()
             try:
@@ -228,7 +229,8 @@ def main() -> int:
         "rest_overhead_p50_ms": round(rest.p50 - lat["raw_rest_run"].p50, 2),
         "hot_swap": swap,
         "idle_rss_mb": round(idle_rss, 1),
-        "rss_after_load_mb": round(busy_rss, 1),
+        "rss_right_after_swaps_mb": round(busy_rss, 1),
+        "rss_idle_after_swaps_mb": round(after_rss, 1),
     }
     targets = {
         "engine_overhead_p50_pct": target(metrics["engine_overhead_p50_pct"], 5.0, "<="),

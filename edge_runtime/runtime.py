@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edge_runtime import memory
 from edge_runtime.api import FastPathServer, RestServer
 from edge_runtime.engine import Engine, load_backend
 from edge_runtime.errors import EdgeRuntimeError
@@ -96,6 +97,7 @@ class Runtime:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._revision = -1
+        self._trim_due = False
         self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
@@ -148,8 +150,13 @@ class Runtime:
             if self._stop.is_set():
                 return
             try:
+                if self._trim_due:
+                    # One tick after a swap the old version's last calls are done and its
+                    # interpreters freed; hand the memory back (here, not on a request thread).
+                    self._trim_due = False
+                    memory.trim()
                 if self.store.revision() != self._revision:
-                    self.sync()
+                    self._trim_due = bool(self.sync()) or self._trim_due
             except Exception:  # EMFILE, EIO, a bug: log it and keep following the store
                 log.exception("store watch failed; retrying")
                 self._stop.wait(min(5.0, 10 * self.config.watch_interval_s))

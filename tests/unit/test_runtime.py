@@ -106,3 +106,4 @@ def test_follows_changes_made_by_another_process(data_dir: Path, runtime_factory
     other.rollback("tiny")
     wait_until(lambda: rt.engine.get("tiny").version == "1", what="the runtime to follow the rollback")
     assert _predicts_like(rt, zoo["tiny_v1"])
+
