@@ -47,10 +47,7 @@ class FastPathClient:
 
     def close(self) -> None:
         with self._lock:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
-            self._attached = False
+            self._drop_connection()
             if self._region is not None:
                 self._region.close()
                 self._region = None

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.api import framing, shm
-from edge_runtime.api.inflight import ByteBudget, Connections, InFlight
+from edge_runtime.api.inflight import ByteBudget, Connections, Draining, InFlight
 from edge_runtime.engine import Engine
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelUnavailable
 
@@ -165,7 +165,7 @@ def _error(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "error": {"type": code, "message": message}}
 
 
-class FastPathServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class FastPathServer(Draining, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
     request_queue_size = 128  # socketserver's default of 5 refuses a burst of new clients
@@ -287,16 +287,3 @@ class FastPathServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         self.server_close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # new clients fail at once rather than queue on a dead socket
-
-    def finish_stop(self, timeout: float = 10.0) -> bool:
-        """Wait for admitted requests to be answered, then close every connection.
-
-        Returns False if requests were still running after ``timeout`` seconds.
-        """
-        drained = self.inflight.drain(timeout)
-        self.connections.close_all()
-        return drained
-
-    def stop(self, timeout: float = 10.0) -> bool:
-        self.begin_stop()
-        return self.finish_stop(timeout)

@@ -123,3 +123,32 @@ class ByteBudget:
     @property
     def used(self) -> int:
         return self._used
+
+
+class Draining:
+    """The second half of a two-phase stop, shared by the REST and fast-path servers.
+
+    A server first ``begin_stop``s (its own: close the door, refuse new admissions); once
+    every server has done so, ``finish_stop`` answers what was admitted and closes the rest.
+    """
+
+    inflight: InFlight
+    connections: Connections
+
+    def begin_stop(self) -> None:
+        raise NotImplementedError
+
+    def finish_stop(self, timeout: float = 10.0) -> bool:
+        """Wait for admitted requests to be answered, then close every connection (idle
+        keep-alive ones, and ones still sending a request that will never be admitted).
+
+        Returns False if requests were still running after ``timeout`` seconds.
+        """
+        drained = self.inflight.drain(timeout)
+        self.connections.close_all()
+        return drained
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """``begin_stop`` then ``finish_stop``."""
+        self.begin_stop()
+        return self.finish_stop(timeout)

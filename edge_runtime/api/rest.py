@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.api.inflight import Connections, InFlight
+from edge_runtime.api.inflight import Connections, Draining, InFlight
 from edge_runtime.engine import Engine, LoadedModel
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelNotFound
 
@@ -309,7 +309,7 @@ def _raw_json_response(status: int, reason: str, payload: Any) -> bytes:
     return head.encode() + b"Connection: close\r\n\r\n" + data
 
 
-class RestServer(ThreadingHTTPServer):
+class RestServer(Draining, ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
@@ -395,21 +395,6 @@ class RestServer(ThreadingHTTPServer):
         if self._thread is not None:  # shutdown() waits for serve_forever, which must be running
             self.shutdown()
         self.server_close()
-
-    def finish_stop(self, timeout: float = 10.0) -> bool:
-        """Wait for admitted requests to be answered, then close every connection (idle
-        keep-alive ones, and ones still sending a body that will never be admitted).
-
-        Returns False if requests were still running after ``timeout`` seconds.
-        """
-        drained = self.inflight.drain(timeout)
-        self.connections.close_all()
-        return drained
-
-    def stop(self, timeout: float = 10.0) -> bool:
-        """``begin_stop`` then ``finish_stop``."""
-        self.begin_stop()
-        return self.finish_stop(timeout)
 
 
 __all__ = ["RestServer", "predict_body"]

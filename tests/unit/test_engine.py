@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +190,25 @@ def test_pool_serves_more_threads_than_interpreters(engine: Engine, zoo: dict[st
     assert engine.stats("tiny").calls == 8 * 40
 
 
+@contextlib.contextmanager
+def stuck_invoke(interp: Any) -> Iterator[threading.Event]:
+    """Make ``interp.invoke`` block until the block exits; yields the event set once a
+    call is inside it (so a test knows that interpreter is busy, without sleeping)."""
+    entered, release = threading.Event(), threading.Event()
+    real_invoke = interp.invoke
+
+    def stuck() -> None:
+        entered.set()
+        assert release.wait(30)
+        real_invoke()
+
+    interp.invoke = stuck
+    try:
+        yield entered
+    finally:
+        release.set()
+
+
 class _GatedBackend:
     """Wraps the real backend; interpreter construction waits for ``gate`` (a slow load)."""
 
@@ -229,24 +250,14 @@ def test_calls_keep_flowing_while_a_new_version_loads(zoo: dict[str, Any], model
 def test_in_flight_call_finishes_on_the_old_version(zoo: dict[str, Any], model_files: dict[str, Path]) -> None:
     engine = Engine(pool_size=1)
     old = engine.swap("tiny", "v1", model_files["tiny_v1"])
-    interp = old.pool._all[0]
-    in_invoke, release = threading.Event(), threading.Event()
-    real_invoke = interp.invoke
-
-    def slow_invoke() -> None:
-        in_invoke.set()
-        assert release.wait(30)
-        real_invoke()
-
-    interp.invoke = slow_invoke
     feeds = zoo["tiny_v1"].sample_inputs()
     result: dict[str, Any] = {}
-    caller = threading.Thread(target=lambda: result.update(zip(("version", "out"), engine.predict_versioned("tiny", feeds))))
-    caller.start()
-    assert in_invoke.wait(10)
-    engine.swap("tiny", "v2", model_files["tiny_v2"])  # does not wait for the in-flight call
-    assert engine.predict_versioned("tiny", feeds)[0] == "v2"
-    release.set()
+    with stuck_invoke(old.pool._all[0]) as in_invoke:
+        caller = threading.Thread(target=lambda: result.update(zip(("version", "out"), engine.predict_versioned("tiny", feeds))))
+        caller.start()
+        assert in_invoke.wait(10)
+        engine.swap("tiny", "v2", model_files["tiny_v2"])  # does not wait for the in-flight call
+        assert engine.predict_versioned("tiny", feeds)[0] == "v2"
     caller.join(10)
     assert result["version"] == "v1"
     np.testing.assert_allclose(result["out"]["y"], zoo["tiny_v1"].reference(feeds)["y"], rtol=1e-4, atol=1e-5)
@@ -294,23 +305,13 @@ def test_pool_grows_only_under_contention_and_never_makes_a_call_wait_for_a_busy
     for _ in range(20):  # sequential calls never contend: one interpreter is enough
         engine.predict("tiny", feeds)
     assert model.pool.count == 1
-    first = model.pool._all[0]
-    in_invoke, release = threading.Event(), threading.Event()
-    real_invoke = first.invoke
-
-    def stuck() -> None:
-        in_invoke.set()
-        assert release.wait(30)
-        real_invoke()
-
-    first.invoke = stuck
-    blocked = threading.Thread(target=engine.predict, args=("tiny", feeds))
-    blocked.start()
-    assert in_invoke.wait(10)
-    # The only interpreter is stuck: this call is served by one grown for it.
-    np.testing.assert_allclose(engine.predict("tiny", feeds)["y"], zoo["tiny_v1"].reference(feeds)["y"], rtol=1e-4, atol=1e-5)
-    assert model.pool.count == 2
-    release.set()
+    with stuck_invoke(model.pool._all[0]) as in_invoke:
+        blocked = threading.Thread(target=engine.predict, args=("tiny", feeds))
+        blocked.start()
+        assert in_invoke.wait(10)
+        # The only interpreter is stuck: this call is served by one grown for it.
+        np.testing.assert_allclose(engine.predict("tiny", feeds)["y"], zoo["tiny_v1"].reference(feeds)["y"], rtol=1e-4, atol=1e-5)
+        assert model.pool.count == 2
     blocked.join(10)
     # A new version starts as large as the one it replaces has grown.
     assert engine.swap("tiny", "v2", model_files["tiny_v2"]).pool.count == 2
@@ -341,28 +342,19 @@ def test_a_failed_growth_is_retried_later_not_forever_capped(model_files: dict[s
 
     model.pool._backend = Flaky()
     monkeypatch.setattr(pool_mod, "_GROWTH_RETRY_S", 0.0)
-    first = model.pool._all[0]
-    in_invoke, release = threading.Event(), threading.Event()
-    real_invoke = first.invoke
-
-    def stuck() -> None:
-        in_invoke.set()
-        assert release.wait(30)
-        real_invoke()
-
-    first.invoke = stuck
-    blocked = threading.Thread(target=engine.predict, args=("tiny", {"x": np.zeros((1, 16), np.float32)}))
-    blocked.start()
-    assert in_invoke.wait(10)
-    # The first growth fails; this call waits, and the pool keeps its configured size.
-    waiter = threading.Thread(target=engine.predict, args=("tiny", {"x": np.zeros((1, 16), np.float32)}))
-    waiter.start()
-    wait_until(lambda: calls["n"] >= 1 and not model.pool._growing, what="the failed growth")
-    assert model.pool.size == 3
-    # The next contended call grows it for real.
-    third = threading.Thread(target=engine.predict, args=("tiny", {"x": np.zeros((1, 16), np.float32)}))
-    third.start()
-    wait_until(lambda: model.pool.count == 2, what="a retried growth")
-    release.set()
+    zeros = {"x": np.zeros((1, 16), np.float32)}
+    with stuck_invoke(model.pool._all[0]) as in_invoke:
+        blocked = threading.Thread(target=engine.predict, args=("tiny", zeros))
+        blocked.start()
+        assert in_invoke.wait(10)
+        # The first growth fails; this call waits, and the pool keeps its configured size.
+        waiter = threading.Thread(target=engine.predict, args=("tiny", zeros))
+        waiter.start()
+        wait_until(lambda: calls["n"] >= 1 and not model.pool._growing, what="the failed growth")
+        assert model.pool.size == 3
+        # The next contended call grows it for real.
+        third = threading.Thread(target=engine.predict, args=("tiny", zeros))
+        third.start()
+        wait_until(lambda: model.pool.count == 2, what="a retried growth")
     for t in (blocked, waiter, third):
         t.join(10)
