@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 $(LEGACY_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(LEGACY_VENV)
 	$(LEGACY_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LEGACY_VENV)/bin/python -m pip install -q -e '.[legacy,modelgen]' pytest pytest-timeout hypothesis psutil
+	$(LEGACY_VENV)/bin/python -m pip install -q -e '.[legacy,modelgen,testtools]'
 	touch $@
 
 demo: $(STAMP)
