@@ -17,6 +17,11 @@
      └── InstallError            an install was refused or rolled back; `.reason` says why
           └── HealthCheckFailed  the new version failed its health check; `.figures` has the numbers
 
+Outside this tree on purpose: ``protocol.trust.Rejection`` (a document refused, with one
+of nine fixed reasons; it is an answer to report, not a runtime failure) and
+``protocol.trust_store.TrustStoreError`` (NotProvisioned, AlreadyProvisioned,
+TrustStoreCorrupt) for the persisted trust state.
+
 Each class carries a short machine-readable ``code`` that the REST API, the fast path and,
 later, device events use, so a client never has to parse a message to decide what to do.
 """

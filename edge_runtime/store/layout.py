@@ -14,6 +14,10 @@ data dir by hand.
     DATA_DIR/tmp/<token>.health.npz         the health check of that install, kept so that
                                             recovery after a crash re-runs the same check
     DATA_DIR/tmp/*                          anything else there is stale and ``gc`` removes it
+    DATA_DIR/trust/state.json               the trusted root envelope + floors (root version,
+                                            generation, seq, highest time seen); owned and
+                                            written atomically by ``protocol/trust_store.py``
+    DATA_DIR/run/api.sock                   the fast-path socket (0660), owned by ``api/fastpath.py``
 
 Format history of ``state.json`` (``STATE_FORMAT``):
     1  first format: per model active, previous, version records, last install result and at
