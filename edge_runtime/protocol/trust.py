@@ -605,8 +605,12 @@ def _short(keyids: list[str]) -> str:
 
 def _parse(model: type[B], payload: bytes, kind: str) -> B:
     """Step 5; only ever called on a payload whose signatures passed."""
+    from edge_runtime.protocol.messages import strict_json
+
     try:
-        body = model.model_validate_json(payload)
+        # The same strict parser as every other wire message: a signed body with a
+        # duplicate key must not mean one thing here and another to a second parser.
+        body = model.model_validate(strict_json(payload))
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "payload"

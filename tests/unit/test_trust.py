@@ -806,3 +806,16 @@ def test_sigkill_at_every_crash_point_leaves_the_old_or_the_new_state(tmp_path: 
     with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
         done = list(pool.map(one, points))
     assert len(done) == len(points) == 4 * len(writers)
+
+
+def test_signed_body_with_a_duplicate_key_is_malformed_not_last_one_wins() -> None:
+    """Two parsers that resolve duplicates differently would read two documents from one
+    signature; trust uses the wire's strict parser, which refuses them."""
+    from tests.trustkit import NOW, doc_body, sign, state
+
+    body = json.dumps(doc_body("desired", generation=1)).encode()
+    payload = body[:-1] + b',"generation":9}'  # "generation" twice
+    with pytest.raises(Rejection) as info:
+        state().verify_desired(sign("desired", payload, ["deploy1"]), NOW)
+    assert info.value.reason is Reason.MALFORMED
+    assert "duplicate" in str(info.value)
