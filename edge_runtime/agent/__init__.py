@@ -1,0 +1,1 @@
+"""The MQTT agent: session, reconcile, transfers, telemetry, outbox."""
