@@ -20,7 +20,9 @@
 Outside this tree on purpose: ``protocol.trust.Rejection`` (a document refused, with one
 of nine fixed reasons; it is an answer to report, not a runtime failure) and
 ``protocol.trust_store.TrustStoreError`` (NotProvisioned, AlreadyProvisioned,
-TrustStoreCorrupt) for the persisted trust state.
+TrustStoreCorrupt) for the persisted trust state. Agent pieces keep theirs beside them:
+``agent.outbox.OutboxError`` (OutboxBusy), ``agent.transfer.TransferError``
+(SourceUnavailable), ``agent.config.ConfigError``.
 
 Each class carries a short machine-readable ``code`` that the REST API, the fast path and,
 later, device events use, so a client never has to parse a message to decide what to do.

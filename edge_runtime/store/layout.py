@@ -18,6 +18,14 @@ data dir by hand.
                                             generation, seq, highest time seen); owned and
                                             written atomically by ``protocol/trust_store.py``
     DATA_DIR/run/api.sock                   the fast-path socket (0660), owned by ``api/fastpath.py``
+    DATA_DIR/outbox.db (+ -wal, -shm)       telemetry/event outbox and the persisted seq counters:
+                                            SQLite WAL, synchronous=FULL, user_version 1; owned by
+                                            ``agent/outbox.py``
+    DATA_DIR/outbox.db.corrupt-<UTC>[-wal|-shm]  a corrupt outbox set aside at start-up (kept for
+                                            inspection; nothing removes it yet)
+    DATA_DIR/tmp/<token>.part.bitmap        the chunk bitmap of a transfer in progress, owned by
+                                            ``agent/transfer.py`` (NOTE: gc does not yet spare it,
+                                            see issue 4's hand-off)
 
 Format history of ``state.json`` (``STATE_FORMAT``):
     1  first format: per model active, previous, version records, last install result and at
