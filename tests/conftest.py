@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.brokers import amqtt_broker, broker, mosquitto_broker  # noqa: F401 - broker fixtures for every module
 from tests.helpers import free_port, runtime_cmd, wait_until  # noqa: F401 - re-exported for tests
 
 REPO = Path(__file__).resolve().parents[1]
