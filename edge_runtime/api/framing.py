@@ -219,6 +219,8 @@ def _decode_npy(buf: bytearray) -> np.ndarray:
 
 
 def _parse_npy_header(raw: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
+    if b"\\" in raw:  # never in a real header (a descr, a bool, a tuple of ints); refuse escapes
+        raise FrameError("bad .npy header: unexpected backslash")
     try:
         d = ast.literal_eval(raw.decode("latin1"))
         dtype = np.dtype(np.lib.format.descr_to_dtype(d["descr"]))
