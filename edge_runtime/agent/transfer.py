@@ -66,10 +66,10 @@ from edge_runtime.durable import atomic_write_bytes, crashpoint, fsync_dir
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.protocol import messages, topics
 from edge_runtime.protocol.messages import MAX_ARTIFACT_BYTES, MAX_CHUNK_BYTES, ChunkRequest, ChunkResponse
+from edge_runtime.store.layout import BITMAP_SUFFIX  # the one list of persisted names
 from edge_runtime.protocol.trust import ArtifactCheck, ArtifactRef, Rejection
 
 BITMAP_FORMAT = 1
-BITMAP_SUFFIX = ".bitmap"
 DEFAULT_CHUNK_SIZE = 64 * 1024
 DEFAULT_CHECKPOINT_BYTES = 1024 * 1024
 _READ_BLOCK = 1024 * 1024

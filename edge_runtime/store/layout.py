@@ -24,8 +24,8 @@ data dir by hand.
     DATA_DIR/outbox.db.corrupt-<UTC>[-wal|-shm]  a corrupt outbox set aside at start-up (kept for
                                             inspection; nothing removes it yet)
     DATA_DIR/tmp/<token>.part.bitmap        the chunk bitmap of a transfer in progress, owned by
-                                            ``agent/transfer.py`` (NOTE: gc does not yet spare it,
-                                            see issue 4's hand-off)
+                                            ``agent/transfer.py``; gc spares it while the install
+                                            record that owns the token exists
 
 Format history of ``state.json`` (``STATE_FORMAT``):
     1  first format: per model active, previous, version records, last install result and at
@@ -51,6 +51,8 @@ BLOB_ALGO = "sha256"
 TMP_DIR = "tmp"
 PART_SUFFIX = ".part"
 HEALTH_SUFFIX = ".health.npz"
+# A resumable transfer's chunk bitmap sits beside its part: <token>.part.bitmap.
+BITMAP_SUFFIX = ".bitmap"
 
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 # What durable.atomic_write_bytes leaves behind if killed before its rename.
@@ -109,7 +111,7 @@ class StoreLayout:
 
     def owned_tmp_names(self, token: str) -> frozenset[str]:
         """Names under ``tmp/`` that belong to the install with this token."""
-        return frozenset({f"{token}{PART_SUFFIX}", f"{token}{HEALTH_SUFFIX}"})
+        return frozenset({f"{token}{PART_SUFFIX}", f"{token}{PART_SUFFIX}{BITMAP_SUFFIX}", f"{token}{HEALTH_SUFFIX}"})
 
     def state_temps(self) -> list[Path]:
         """Temp files of state writes that never reached their rename."""

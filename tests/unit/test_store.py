@@ -240,16 +240,19 @@ def test_gc_keeps_active_previous_and_install_and_drops_the_rest(store: ModelSto
     store.update_model("kws", lambda m: m.model_copy(update={"install": rec}))
     store.layout.part(token).write_bytes(b"owned")
     store.layout.health(token).write_bytes(b"owned")
+    bitmap = store.layout.tmp / f"{token}.part.bitmap"  # a resumable transfer's chunk map
+    bitmap.write_bytes(b"owned")
     (store.layout.tmp / "stale.part").write_bytes(b"stale")
+    (store.layout.tmp / "stale.part.bitmap").write_bytes(b"stale")
     (store.layout.root / ".state.json.abc123.tmp").write_bytes(b"torn")
 
     report = store.gc()
 
     assert set(report.blobs) == {one, orphan}
     assert set(store.blobs.list()) == {two, three, staged, other}
-    assert set(report.tmp) == {"stale.part", ".state.json.abc123.tmp"}
-    assert store.layout.part(token).exists() and store.layout.health(token).exists()
-    assert report.freed_bytes == len(b"one") + len(b"orphan") + len(b"stale") + len(b"torn")
+    assert set(report.tmp) == {"stale.part", "stale.part.bitmap", ".state.json.abc123.tmp"}
+    assert store.layout.part(token).exists() and store.layout.health(token).exists() and bitmap.exists()
+    assert report.freed_bytes == len(b"one") + len(b"orphan") + 2 * len(b"stale") + len(b"torn")
 
 
 def test_keep_previous_two_keeps_two(tmp_path: Path) -> None:
