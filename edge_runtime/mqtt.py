@@ -80,6 +80,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The broker URL schemes we speak and their default ports; one table for every config.
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+def broker_address(url: str) -> tuple[str, int, bool]:
+    """(host, port, tls) of an ``mqtt://`` / ``mqtts://`` URL, the port defaulting by scheme."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or DEFAULT_PORTS.get(parts.scheme, 1883), parts.scheme == "mqtts"
+
 Payload = Union[bytes, bytearray, str]
 
 
@@ -189,7 +198,7 @@ class MqttConfig:
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
-        if parts.scheme not in ("mqtt", "mqtts"):
+        if parts.scheme not in DEFAULT_PORTS:
             raise ValueError(f"url: scheme must be mqtt:// or mqtts://, got {self.url!r}")
         if not parts.hostname:
             raise ValueError(f"url: no host in {self.url!r}")
@@ -217,16 +226,15 @@ class MqttConfig:
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
+        return broker_address(self.url)[0]
 
     @property
     def port(self) -> int:
-        parts = urlsplit(self.url)
-        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        return broker_address(self.url)[1]
 
     @property
     def tls(self) -> bool:
-        return self.url.startswith("mqtts:")
+        return broker_address(self.url)[2]
 
     def credentials(self) -> tuple[Optional[str], Optional[str]]:
         """(username, password): the fields, else the URL's."""

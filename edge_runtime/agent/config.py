@@ -82,6 +82,7 @@ except ImportError:  # pragma: no cover - Python 3.9/3.10 with the tomli backpor
     import tomli as tomllib  # type: ignore[no-redef]
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.mqtt import DEFAULT_PORTS, broker_address
 from edge_runtime.protocol.messages import MAX_ARTIFACT_BYTES, MAX_CHUNK_BYTES
 from edge_runtime.protocol.topics import check_id
 from edge_runtime.runtime import ServeConfig
@@ -95,7 +96,6 @@ ENV_PREFIX = "EDGE_RUNTIME_"
 RESERVED_ENV = frozenset({"EDGE_RUNTIME_CONFIG"})  # the config path itself, for the CLI
 KiB = 1024
 MiB = 1024 * KiB
-_SCHEMES = {"mqtt": 1883, "mqtts": 8883}
 _SHOW_INPUT = 60  # characters of a bad value quoted back in a message
 
 
@@ -187,7 +187,7 @@ class BrokerConfig(_Section):
             port = parts.port
         except ValueError as exc:
             raise ValueError(f"not a broker URL ({exc}): expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]") from None
-        if parts.scheme not in _SCHEMES:
+        if parts.scheme not in DEFAULT_PORTS:
             raise ValueError(f"scheme {parts.scheme!r} not supported: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
         if not parts.hostname:
             raise ValueError("no host: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
@@ -220,16 +220,15 @@ class BrokerConfig(_Section):
 
     @property
     def tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts"
+        return broker_address(self.url)[2]
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
+        return broker_address(self.url)[0]
 
     @property
     def port(self) -> int:
-        parts = urlsplit(self.url)
-        return parts.port or _SCHEMES[parts.scheme]
+        return broker_address(self.url)[1]
 
     def password_value(self) -> Optional[str]:
         """The password, read from ``password_file`` (one line; the trailing newline is not
