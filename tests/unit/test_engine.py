@@ -350,7 +350,9 @@ def test_a_failed_growth_is_retried_later_not_forever_capped(model_files: dict[s
         # The first growth fails; this call waits, and the pool keeps its configured size.
         waiter = threading.Thread(target=engine.predict, args=("tiny", zeros))
         waiter.start()
-        wait_until(lambda: calls["n"] >= 1 and not model.pool._growing, what="the failed growth")
+        # The retry time is written (under the pool's lock) only once the failure is fully
+        # handled; `calls` alone can be seen before the grower has even set `_growing`.
+        wait_until(lambda: model.pool._retry_growth_at > 0 and not model.pool._growing, what="the failed growth")
         assert model.pool.size == 3
         # The next contended call grows it for real.
         third = threading.Thread(target=engine.predict, args=("tiny", zeros))
