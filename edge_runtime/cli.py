@@ -1,6 +1,7 @@
 """``edge-runtime``: the device command line. Thin: parse, call the owning module, print.
 
     edge-runtime infer MODEL.tflite --input x.npy [--input NAME=y.npy] [--output out.npz]
+    edge-runtime run --config agent.toml                  (the device agent, under systemd)
     edge-runtime serve --data-dir DIR [--rest 127.0.0.1:8501] [--socket PATH]
     edge-runtime install FILE --data-dir DIR --name N --version V [--sha256 H] [--health-sample x.npz]
     edge-runtime models --data-dir DIR [--verify]

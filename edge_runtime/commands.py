@@ -1,4 +1,4 @@
-"""``edge-runtime`` commands that work on a data dir: serve, install, models, rollback, activate."""
+"""``edge-runtime`` commands that work on a data dir: run, serve, install, models, rollback, activate."""
 
 from __future__ import annotations
 
@@ -119,10 +119,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(data_dir=args.data_dir, as_json=args.json)
 
 
+EX_CONFIG = 78  # sysexits: a configuration error; the unit does not restart on it
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from edge_runtime.agent.config import ConfigError
+    from edge_runtime.agent.daemon import NotProvisionedError, run
+
+    logging.getLogger().setLevel(args.log_level.upper())
+    try:
+        return run(args.config)
+    except (ConfigError, NotProvisionedError) as exc:
+        print(f"edge-runtime: {exc}", file=sys.stderr)
+        return EX_CONFIG
+
+
 def register(command: Any) -> None:
     def data_dir(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", type=Path, required=True, help="the runtime's state directory")
         p.add_argument("--quota-bytes", type=positive_int, default=None, help="disk quota for model blobs")
+
+    p = command("run", "the device agent: serve models, follow the controller over MQTT, report telemetry")
+    p.add_argument("--config", type=Path, required=True, help="the agent's TOML config (see firmware_scripts/)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.set_defaults(fn=cmd_run)
 
     p = command("serve", "serve the store's models over REST and the fast path (no MQTT)")
     data_dir(p)

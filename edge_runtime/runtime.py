@@ -81,14 +81,23 @@ def plan_sync(state: StoreState, serving: dict[str, tuple[str, str]]) -> list[Sy
     return steps
 
 
+def serving(engine: Engine) -> dict[str, tuple[str, str]]:
+    """Model name → (version, sha256) of what ``engine`` serves now. A blob's file name is
+    its sha256, so the engine itself says which bytes it serves."""
+    return {m.name: (m.version, Path(m.path).name) for m in engine.models()}
+
+
 class Runtime:
     """Owns the engine, the store and the servers for one data dir."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, *, keep_downloads: bool = False) -> None:
+        """``keep_downloads``: leave interrupted chunked downloads for the agent to resume
+        (``Installer.recover``); without an agent they are cleaned up at start."""
         # One thread per connection (up to a few hundred): small stacks keep that cheap in
         # address space on 32-bit boards. Set before any server thread exists.
         threading.stack_size(_THREAD_STACK_BYTES)
         self.config = config
+        self.keep_downloads = keep_downloads
         self.engine = Engine(backend=load_backend(config.backend), pool_size=config.pool_size, num_threads=config.num_threads)
         self.store = ModelStore(config.data_dir, quota_bytes=config.quota_bytes, keep_previous=config.keep_previous)
         self.installer = Installer(self.store, self.engine)
@@ -111,7 +120,7 @@ class Runtime:
             self.rest.start()
         self.fast = FastPathServer(self.config.socket, self.engine, max_frame=self.config.max_body_bytes)
         self.fast.start()
-        self.installer.recover()  # finishes interrupted installs, then loads every active version
+        self.installer.recover(keep_downloads=self.keep_downloads)  # finishes interrupted installs, then loads every active version
         self.sync()
         self._watcher = threading.Thread(target=self._watch, name="store-watch", daemon=True)
         self._watcher.start()
@@ -128,9 +137,7 @@ class Runtime:
         """
         state = self.store.read()
         self._revision = state.revision
-        # A blob's file name is its sha256, so the engine itself says what it serves.
-        serving = {m.name: (m.version, Path(m.path).name) for m in self.engine.models()}
-        steps = plan_sync(state, serving)
+        steps = plan_sync(state, serving(self.engine))
         for step in steps:
             if step.action == "unload":
                 self.engine.unload(step.name)

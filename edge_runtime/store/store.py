@@ -285,6 +285,25 @@ class ModelStore:
             self.activate(name, target)
             return target
 
+    def remove_model(self, name: str) -> bool:
+        """Forget a model: its record goes (versions, result, any install), so ``gc`` frees
+        its blobs and tmp files. True if there was one. The engine is the caller's: unload
+        the model first, or the watcher of a serving daemon does it at its next sync.
+
+        Raises:
+            StoreBusy, OSError: as ``update``.
+        """
+        with self.lock():
+            if name not in self.read().models:
+                return False
+
+            def drop(state: StoreState) -> None:
+                state.models.pop(name, None)
+
+            self.update(drop)
+            crashpoint("store.model_removed")
+            return True
+
     def record_result(self, name: str, result: LastResult) -> StoreState:
         """Remember how an install ended, and drop the model's in-progress record.
 
