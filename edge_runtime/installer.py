@@ -22,7 +22,14 @@ What each step does:
 Crash points (``durable.crashpoint``) sit between the steps and are named after the state
 just made durable: ``install.<state>``, plus ``install.begin``, ``install.downloaded``,
 ``install.promoted``, ``install.loaded``, ``install.healthy``, ``install.activated``,
-``install.done``, ``install.rollback_done``, and ``activate.*`` / ``rollback.*`` for switches.
+``install.done``, ``install.rollback_done``, ``install.abandoned`` (a transfer given up by
+``abandon_download``), and ``activate.*`` / ``rollback.*`` for switches.
+
+A chunked transfer (``agent/transfer.py``) fills the part of a ``downloading`` record and
+keeps its chunk bitmap beside it. ``recover(keep_downloads=True)`` leaves such a record, its
+part and its bitmap alone, so the agent can continue the transfer after a restart
+(``pending_downloads``), then finish it with ``install_downloaded`` or end it with
+``abandon_download``.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from edge_runtime.errors import (
 )
 from edge_runtime.health import HealthCheck
 from edge_runtime.store.blobs import BlobInfo, check_expected, file_chunks, hash_file
-from edge_runtime.store.layout import is_sha256_hex
+from edge_runtime.store.layout import BITMAP_SUFFIX, is_sha256_hex
 from edge_runtime.store.recovery import DEFAULT_MAX_ATTEMPTS, Step, plan_recovery
 from edge_runtime.store.state import (
     InstallRecord,
@@ -105,7 +112,8 @@ class RecoveryAction:
     version: str | None
     found: str | None  # the install state found at start-up; None for a plain load
     step: str  # a recovery Step value, or "load"
-    outcome: str  # active | rolled_back | interrupted | finished | loaded | fallback | unavailable
+    # active | rolled_back | interrupted | resumable | finished | loaded | fallback | unavailable
+    outcome: str
     detail: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -378,11 +386,15 @@ class Installer:
 
     # -- start-up -----------------------------------------------------------------------
 
-    def recover(self) -> list[RecoveryAction]:
+    def recover(self, *, keep_downloads: bool = False) -> list[RecoveryAction]:
         """Finish or undo every install a crash interrupted, then load every active version.
 
         Runs ``store.recovery.plan_recovery`` for each model's in-progress record; failures
-        of a retried install end as recorded rollbacks, not exceptions.
+        of a retried install end as recorded rollbacks, not exceptions. With
+        ``keep_downloads`` (the agent, which resumes chunked transfers), a ``downloading``
+        record with an expected sha256 whose part has a chunk bitmap is kept as it is, with
+        its part and bitmap (step ``resume``, outcome ``resumable``); every other
+        interrupted download is cleaned up.
 
         Raises:
             StoreBusy: another process holds the store lock.
@@ -393,7 +405,14 @@ class Installer:
             crashpoint("recover.begin")
             for name, model in sorted(self.store.read().models.items()):
                 record = model.install
-                plan = plan_recovery(record, max_attempts=self.max_attempts)
+                resumable = (
+                    keep_downloads
+                    and record is not None
+                    and record.state == "downloading"
+                    and record.sha256 is not None
+                    and self._bitmap(record).exists()
+                )
+                plan = plan_recovery(record, max_attempts=self.max_attempts, resumable=resumable)
                 if plan.step is Step.NOTHING or record is None:
                     continue
                 action = self._recover_one(name, record, plan.step, plan.reason)
@@ -408,6 +427,8 @@ class Installer:
         def action(outcome: str, detail: str | None = None) -> RecoveryAction:
             return RecoveryAction(name, record.version, record.state, step.value, outcome, detail)
 
+        if step is Step.RESUME:  # the transfer goes on; nothing to undo
+            return action("resumable")
         if step is Step.CLEAN_UP:
             detail = f"interrupted in state {record.state} before the bytes were verified"
             self.store.record_result(name, self._result(record.version, "interrupted", "interrupted", detail))
@@ -426,6 +447,39 @@ class Installer:
             return action("rolled_back", f"{reason}: {detail}")
         self._finish(name)
         return action("finished")
+
+    def pending_downloads(self) -> list[tuple[str, InstallRecord]]:
+        """The (model name, install record) of every install in ``downloading``, by name.
+
+        Raises:
+            StoreCorrupt: the state file cannot be parsed.
+        """
+        models = self.store.read().models
+        return [
+            (name, m.install)
+            for name, m in sorted(models.items())
+            if m.install is not None and m.install.state == "downloading"
+        ]
+
+    def abandon_download(self, name: str, version: str, *, reason: str, detail: str | None = None) -> bool:
+        """Give up the download of ``name`` ``version``: record it as refused with ``reason``
+        (a token such as ``transfer_timeout``, ``cancelled``, ``hash_mismatch``), drop the
+        install record and remove its files (part, chunk bitmap, health check).
+
+        Returns False, changing nothing, unless the model's install record is a
+        ``downloading`` one for ``version``.
+
+        Raises:
+            StoreBusy: another process holds the store lock.
+            StoreCorrupt: the state file cannot be parsed.
+        """
+        with self.store.lock():
+            record = self._model(name).install
+            if record is None or record.version != version or record.state != "downloading":
+                return False
+            self._end_refused(name, version, record, reason, detail or f"download abandoned ({reason})",
+                              crash_at="install.abandoned")
+            return True
 
     def load_all(self) -> list[RecoveryAction]:
         """Make the engine serve every model the store has an active version for.
@@ -624,14 +678,28 @@ class Installer:
         self, name: str, version: str, record: InstallRecord | None, reason: str, exc: BaseException
     ) -> NoReturn:
         """End an install that changed nothing: record why, remove its files, raise."""
-        detail = str(exc)
+        self._end_refused(name, version, record, reason, str(exc))
+        if isinstance(exc, InstallError):
+            raise exc
+        raise InstallError(f"{name} {version} refused ({reason}): {exc}", reason=reason) from exc
+
+    def _end_refused(
+        self,
+        name: str,
+        version: str,
+        record: InstallRecord | None,
+        reason: str,
+        detail: str,
+        *,
+        crash_at: str | None = None,
+    ) -> None:
+        """Record the refusal (which drops the install record), remove its files, emit."""
         self.store.record_result(name, self._result(version, "refused", reason, detail))
+        if crash_at is not None:
+            crashpoint(crash_at)
         if record is not None:
             self._remove_tmp(record)
         self._emit(name, "refused", {"version": version, "reason": reason, "detail": detail})
-        if isinstance(exc, InstallError):
-            raise exc
-        raise InstallError(f"{name} {version} refused ({reason}): {detail}", reason=reason) from exc
 
     # -- small helpers ------------------------------------------------------------------
 
@@ -679,8 +747,14 @@ class Installer:
         self.store.update_model(name, lambda m: m.model_copy(update={"install": record}))
 
     def _remove_tmp(self, record: InstallRecord) -> None:
-        for path in (self.store.layout.part(record.token), self.store.layout.health(record.token)):
-            path.unlink(missing_ok=True)
+        """Remove the install's files under tmp/: part, chunk bitmap, health check."""
+        for file_name in sorted(self.store.layout.owned_tmp_names(record.token)):
+            (self.store.layout.tmp / file_name).unlink(missing_ok=True)
+
+    def _bitmap(self, record: InstallRecord) -> Path:
+        """The chunk bitmap a transfer keeps beside the install's part (``agent/transfer.py``)."""
+        part = self.store.layout.part(record.token)
+        return part.with_name(part.name + BITMAP_SUFFIX)
 
     def _result(self, version: str, outcome: str, reason: str | None, detail: str | None) -> LastResult:
         return LastResult(version=version, outcome=outcome, reason=reason, detail=detail, at=self.clock())

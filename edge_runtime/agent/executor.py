@@ -59,6 +59,7 @@ class Executor:
         self.routes = routes
         self._generation = generation
         self._refusals: set[tuple[Optional[int], str, str, str]] = set()
+        self._quiet: Optional[tuple[str, str]] = None  # an abandon the executor reports itself
         installer.on_event = self.installer_event
         transfers.on_progress = self.transfer_progress
 
@@ -175,7 +176,15 @@ class Executor:
         jobs = self.transfers.finished()
         for job in jobs:
             err = job.transfer.error
+            c = job.transfer.counters
             if err is None:
+                # The transfer's own account, so a controller (and a test) can tell a clean
+                # resume from one that fetched chunks again.
+                self.reporter.event(
+                    "downloading", model=job.name, version=job.version, progress=1.0, generation=self._generation(),
+                    figures={"bytes": job.size, "size": job.size, "requested": c.requested, "retried": c.retried,
+                             "timeouts": c.timeouts, "duplicates": c.duplicates, "resumed_chunks": c.resumed_chunks,
+                             "chunks_total": job.transfer.n_chunks})
                 try:
                     self.installer.install_downloaded(job.name, job.version)
                 except InstallError:
@@ -185,8 +194,11 @@ class Executor:
                     self.reporter.event("refused", model=job.name, version=job.version, reason="internal",
                                         detail=str(exc), generation=self._generation())
                 continue
-            c = job.transfer.counters
-            self.installer.abandon_download(job.name, job.version, reason=err.reason, detail=str(err))
+            self._quiet = (job.name, job.version)  # reported below, with the transfer's figures
+            try:
+                self.installer.abandon_download(job.name, job.version, reason=err.reason, detail=str(err))
+            finally:
+                self._quiet = None
             self.reporter.event(
                 "refused", model=job.name, version=job.version, reason=err.reason, detail=str(err),
                 generation=self._generation(),
@@ -208,6 +220,8 @@ class Executor:
     def installer_event(self, name: str, state: str, details: dict[str, Any]) -> None:
         """The installer's step reports as wire events."""
         version = details.get("version")
+        if state == "refused" and self._quiet == (name, version):
+            return
         figures = details.get("figures") or {}
         if state == "recovered":
             outcome = details.get("outcome")

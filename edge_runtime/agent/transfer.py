@@ -478,8 +478,10 @@ class Transfer:
                     reason="too_large"))
                 return
             if response.size is not None and response.size < self.size:
+                # The server holds other bytes than were signed: its fault, not the artifact's,
+                # so retryable (another replica or a fixed store may serve it right).
                 self._fail_locked(TransferError(
-                    f"server holds {response.size} bytes, the manifest signed {self.size}", reason="hash_mismatch"))
+                    f"server holds {response.size} bytes, the manifest signed {self.size}", reason="transfer_failed"))
                 _remove(self.part_path, self.bitmap_path)
                 return
             index, rem = divmod(offset, self.chunk_size)

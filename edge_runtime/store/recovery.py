@@ -9,6 +9,10 @@ first action that may not have finished, and that action is safe to redo:
     downloading, verifying           clean_up     the bytes were never verified: remove the
                                                   partial file, record "interrupted"; the old
                                                   version is still active
+    downloading, resumable           resume       a chunked transfer with its bitmap on disk
+                                                  (the caller decides, see below): change
+                                                  nothing; the record, the part and its bitmap
+                                                  stay, and the agent continues the transfer
     staged, loading, health_check    retry        the bytes are verified and in the store: load
                                                   and health-check again, then commit or roll back
       ... with attempts >= cap       roll_back    the process died that often while loading or
@@ -19,6 +23,13 @@ first action that may not have finished, and that action is safe to redo:
 
 ``attempts`` is bumped (durably) every time the install enters ``loading``, so a model whose
 load kills the process is retried at most ``max_attempts`` times in all.
+
+Resuming a download is safe because nothing the part holds is trusted yet: the transfer's
+bitmap claims only chunks that were fsynced before it was written (``agent/transfer.py``), a
+claimed chunk missing from the part is fetched again, and the whole part is checked against
+the sha256 and size of the signed manifest before it becomes a blob, which catches anything
+else. ``verifying`` is never resumed: the bytes were complete and the check was under way,
+so redoing the transfer from the start is no loss.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 class Step(str, Enum):
     NOTHING = "nothing"
     CLEAN_UP = "clean_up"
+    RESUME = "resume"
     RETRY = "retry"
     ROLL_BACK = "roll_back"
     FINISH = "finish"
@@ -63,8 +75,13 @@ class RecoveryPlan:
     reason: str | None = None
 
 
-def plan_recovery(record: InstallRecord | None, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> RecoveryPlan:
+def plan_recovery(
+    record: InstallRecord | None, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS, resumable: bool = False
+) -> RecoveryPlan:
     """The recovery step for the install record found at start-up.
+
+    ``resumable``: the caller will continue this record's transfer (its part has a chunk
+    bitmap and the expected sha256 is known); only a ``downloading`` record heeds it.
 
     Raises:
         ValueError: ``max_attempts`` < 1.
@@ -77,6 +94,8 @@ def plan_recovery(record: InstallRecord | None, *, max_attempts: int = DEFAULT_M
     step = RESUME_TABLE.get(record.state)
     if step is None:
         raise StoreCorrupt(f"install of version {record.version} is in unknown state {record.state!r}")
+    if step is Step.CLEAN_UP and resumable and record.state == "downloading":
+        return RecoveryPlan(Step.RESUME)
     if step is Step.CLEAN_UP:
         return RecoveryPlan(Step.CLEAN_UP, reason="interrupted")
     if step is Step.RETRY and record.attempts >= max_attempts:

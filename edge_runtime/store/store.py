@@ -27,7 +27,7 @@ from typing import Any
 from edge_runtime.durable import atomic_write_json, crashpoint, fsync_dir
 from edge_runtime.errors import QuotaExceeded, StoreBusy, StoreCorrupt, StoreError, VersionNotFound
 from edge_runtime.store.blobs import BlobStore
-from edge_runtime.store.layout import StoreLayout
+from edge_runtime.store.layout import BITMAP_SUFFIX, StoreLayout
 from edge_runtime.store.state import (
     LastResult,
     ModelState,
@@ -421,6 +421,9 @@ class ModelStore:
                         problems.append(f"model {name} version {version}: {error}")
                 if model.install is not None:
                     owned |= self.layout.owned_tmp_names(model.install.token)
+                    part = self.layout.part(model.install.token)
+                    if model.install.state == "downloading" and part.with_name(part.name + BITMAP_SUFFIX).exists():
+                        continue  # a chunked download the agent resumes: in progress, not damage
                     problems.append(
                         f"model {name}: install of version {model.install.version} was interrupted in state "
                         f"{model.install.state!r} (start-up recovery finishes it)"

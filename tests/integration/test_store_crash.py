@@ -16,7 +16,8 @@ names for that crash point; the real interpreter serves it with that version's o
 file under blobs/ is partial; nothing is left in tmp/; the next install still works.
 
 Default run: every crash point of one cycle (68 today), every crash point of the longest
-recovery path (18), 10 random kills and a 3-crash loop. ``EDGEFLEET_SLOW=1`` adds the soak
+recovery path (18), 10 random kills, a 3-crash loop, and a chunked transfer killed at a
+checkpoint that ``recover(keep_downloads=True)`` keeps and the transfer then finishes. ``EDGEFLEET_SLOW=1`` adds the soak
 variants: 400 random kills and the other recovery paths. ``EDGEFLEET_CRASH_SEED`` fixes the
 random kills' seed (printed on failure). Cases run in parallel (one worker per core); each
 data dir is a copy of one template store.
@@ -41,10 +42,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_runtime.agent.transfer import ChunkSource, Transfer, bitmap_path
 from edge_runtime.engine import Engine
 from edge_runtime.health import HealthCheck
 from edge_runtime.installer import Installer
 from edge_runtime.modelgen.zoo import tiny_mlp
+from edge_runtime.protocol.messages import ChunkResponse
 from edge_runtime.store import ModelStore, parse_state
 from tests import crashworker
 
@@ -415,6 +418,109 @@ def test_a_crash_loop_while_loading_becomes_a_rollback(world: World, tmp_path: P
     model = parse_state((data / "state.json").read_bytes()).models[NAME]
     assert (model.last_result.version, model.last_result.reason) == ("3", "crash_loop")
     problems = check_recovered(world, data, kind="install", old="1", new="3", found=None, found_active="1")
+    assert problems == []
+
+
+# -- a chunked transfer killed mid-way, resumed after the restart ---------------------------------
+
+# The agent's download, cut down: begin_download, then a real Transfer fed by an in-memory
+# chunk server, 1 KiB chunks, a checkpoint every 2 KiB. EDGEFLEET_CRASH_AT kills it at a
+# checkpoint (after the part's fsync, before the bitmap is replaced).
+CHUNK = 1024
+DOWNLOAD_SCRIPT = """
+import sys
+from pathlib import Path
+from edge_runtime.agent.transfer import ChunkSource, Transfer
+from edge_runtime.engine import Engine
+from edge_runtime.installer import Installer
+from edge_runtime.protocol.messages import ChunkResponse
+from edge_runtime.store import ModelStore
+
+data_dir, model_file, name, version, sha, chunk = sys.argv[1:7]
+blob = Path(model_file).read_bytes()
+asked = []
+
+class Memory(ChunkSource):
+    def _send(self, sha256, offset, length):
+        asked.append((offset, length))
+
+inst = Installer(ModelStore(data_dir), Engine(pool_size=1))
+part = inst.begin_download(name, version, expected_sha256=sha, expected_size=len(blob))
+t = Transfer(part, sha, len(blob), source=Memory(), chunk_size=int(chunk), checkpoint_bytes=2 * int(chunk))
+t.start()
+while asked:
+    offset, length = asked.pop(0)
+    t.on_chunk(ChunkResponse(request_id="r", sha256=sha, offset=offset, length=length,
+                             data=blob[offset:offset + length], size=len(blob)))
+    t.pump()
+raise SystemExit("the transfer finished: the crash point was never reached")
+"""
+
+
+class MemorySource(ChunkSource):
+    """The resumed transfer's chunk server (in this process): requests are answered by the test."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[int, int]] = []
+
+    def _send(self, sha256: str, offset: int, length: int) -> None:
+        self.asked.append((offset, length))
+
+
+def test_kill_during_a_chunked_download_then_resume_after_restart(world: World, tmp_path: Path) -> None:
+    version = "3"
+    model_file = world.models / f"{version}.tflite"
+    blob = model_file.read_bytes()
+    sha = hashlib.sha256(blob).hexdigest()
+    assert len(blob) > 8 * CHUNK  # enough chunks to die in the middle
+    data = copy_template(world, tmp_path / "a")
+    log = tmp_path / "err.txt"
+    with open(log, "w") as err:
+        proc = subprocess.run(
+            [sys.executable, "-c", DOWNLOAD_SCRIPT, str(data), str(model_file), NAME, version, sha, str(CHUNK)],
+            env=worker_env(EDGEFLEET_CRASH_AT="transfer.before_bitmap:3"),
+            stdout=subprocess.PIPE, stderr=err, text=True, timeout=120, check=False,
+        )
+    assert proc.returncode == -signal.SIGKILL, log.read_text()
+    assert found_state(data) == ("downloading", "1")
+    untouched = tmp_path / "b"  # the same crash, for the default (clean-up) recovery
+    shutil.copytree(data, untouched / "data")
+
+    # the agent's restart: keep the download
+    inst = Installer(ModelStore(data), Engine(pool_size=1))
+    actions = inst.recover(keep_downloads=True)
+    assert [(a.found, a.step, a.outcome) for a in actions if a.step != "load"] == [
+        ("downloading", "resume", "resumable")
+    ]
+    [(name, record)] = inst.pending_downloads()
+    part = inst.store.layout.part(record.token)
+    assert (name, record.version, record.sha256) == (NAME, version, sha)
+    assert part.exists() and bitmap_path(part).exists()
+    assert inst.store.model(NAME).active == "1"
+    assert inst.engine.predict_versioned(NAME, world.sample)[0] == "1"
+
+    # the transfer goes on from the bitmap: two checkpoints of two chunks made it to disk
+    source = MemorySource()
+    t = Transfer.resume(part, sha, len(blob), source=source, chunk_size=CHUNK, checkpoint_bytes=2 * CHUNK)
+    t.start()
+    assert t.counters.resumed_chunks == 4
+    while source.asked:
+        offset, length = source.asked.pop(0)
+        t.on_chunk(ChunkResponse(request_id="r", sha256=sha, offset=offset, length=length,
+                                 data=blob[offset:offset + length], size=len(blob)))
+    assert t.wait(timeout=0) == part
+    assert t.counters.received == -(-len(blob) // CHUNK) - 4
+    result = inst.install_downloaded(NAME, version)
+    t.discard()
+    served, out = inst.engine.predict_versioned(NAME, world.sample)
+    assert (result.outcome, result.replaced, served) == ("active", "1", version)
+    np.testing.assert_allclose(out["y"], world.refs[version], atol=1e-5)
+    assert inst.store.fsck() == []
+    assert list((data / "tmp").iterdir()) == []
+
+    # the same crash, recovered the default way (edge-runtime serve/install): cleaned up
+    problems = check_recovered(world, untouched / "data", kind="install", old="1", new=version,
+                               found="downloading", found_active="1")
     assert problems == []
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edge_runtime.agent.transfer import bitmap_path
 from edge_runtime.engine import Engine, LoadedModel
 from edge_runtime.errors import (
     HealthCheckFailed,
@@ -477,6 +478,132 @@ def test_recover_with_a_missing_staged_blob_rolls_back(inst: Installer, models: 
     assert (actions[0].step, actions[0].outcome) == ("retry", "rolled_back")
     assert "load_failed" in actions[0].detail
     assert_serves(fresh, models, "1")
+
+
+# -- resumable downloads (a chunked transfer continues after a restart) --------------------
+
+
+def _plant_download(inst: Installer, models: Models, *, bitmap: bool = True, sha: bool = True) -> InstallRecord:
+    """A ``downloading`` record whose transfer got part of the way: part (+ chunk bitmap)."""
+    rec = _plant(inst, models, "2", "downloading")
+    if not sha:
+        rec = rec.model_copy(update={"sha256": None})
+        inst.store.update_model("kws", lambda m: m.model_copy(update={"install": rec}))
+    if bitmap:
+        bitmap_path(inst.store.layout.part(rec.token)).write_text('{"format": 1}\n')
+    return rec
+
+
+def _tmp_names(inst: Installer) -> list[str]:
+    return sorted(p.name for p in inst.store.layout.tmp.iterdir())
+
+
+def test_recover_keeping_downloads_keeps_a_resumable_one(inst: Installer, models: Models) -> None:
+    inst.install_file("kws", "1", models.files["1"])
+    rec = _plant_download(inst, models)
+    files = sorted([f"{rec.token}.part", f"{rec.token}.part.bitmap"])
+    seen: list[tuple[str, str, dict[str, Any]]] = []
+    fresh = Installer(ModelStore(inst.store.layout.root), Engine(), on_event=lambda *e: seen.append(e))
+    actions = fresh.recover(keep_downloads=True)
+    assert [(a.version, a.found, a.step, a.outcome) for a in actions if a.step != "load"] == [
+        ("2", "downloading", "resume", "resumable")
+    ]
+    model = fresh.store.model("kws")
+    assert model.install == rec
+    assert (model.last_result.version, model.last_result.outcome) == ("1", "active")
+    assert _tmp_names(fresh) == files
+    assert [(n, s, d["step"]) for n, s, d in seen if s == "recovered"] == [("kws", "recovered", "resume")]
+    assert_serves(fresh, models, "1")
+    # gc spares the part and the bitmap while the record lives
+    fresh.store.gc()
+    assert _tmp_names(fresh) == files
+    # fsck names every in-progress install; nothing else is wrong
+    assert [p for p in fresh.store.fsck() if "interrupted in state 'downloading'" not in p] == []
+    assert fresh.pending_downloads() == [("kws", rec)]
+
+
+@pytest.mark.parametrize(
+    ("case", "keep", "bitmap", "sha"),
+    [
+        ("default_recover", False, True, True),
+        ("no_bitmap", True, False, True),
+        ("no_expected_sha256", True, True, False),
+    ],
+)
+def test_recover_cleans_up_a_download_it_cannot_resume(
+    inst: Installer, models: Models, case: str, keep: bool, bitmap: bool, sha: bool
+) -> None:
+    inst.install_file("kws", "1", models.files["1"])
+    _plant_download(inst, models, bitmap=bitmap, sha=sha)
+    fresh = _fresh(inst)
+    actions = fresh.recover(keep_downloads=keep)
+    assert [(a.step, a.outcome) for a in actions if a.step != "load"] == [("clean_up", "interrupted")]
+    model = fresh.store.model("kws")
+    assert model.install is None and model.last_result.outcome == "interrupted"
+    assert _tmp_names(fresh) == []  # the bitmap goes with the part
+    assert fresh.store.fsck() == []
+
+
+def test_pending_downloads_lists_downloading_records_only(inst: Installer, models: Models) -> None:
+    assert inst.pending_downloads() == []
+    inst.install_file("kws", "1", models.files["1"])
+    inst.begin_download("kws", "2", expected_sha256=models.sha("2"))
+    inst.begin_download("aaa", "1")
+    inst.begin_download("zzz", "1")
+    staged = inst.store.model("zzz").install.model_copy(update={"state": "staged"})
+    inst.store.update_model("zzz", lambda m: m.model_copy(update={"install": staged}))
+    pending = inst.pending_downloads()
+    assert [(n, r.version, r.state) for n, r in pending] == [("aaa", "1", "downloading"), ("kws", "2", "downloading")]
+    assert pending[1][1] == inst.store.model("kws").install
+
+
+def test_abandon_download_records_removes_and_reports(inst: Installer, models: Models, events: list) -> None:
+    inst.install_file("kws", "1", models.files["1"])
+    health = HealthCheck(inputs=models.sample, expected={"y": models.ref("2")})
+    part = inst.begin_download("kws", "2", expected_sha256=models.sha("2"), health=health)
+    part.write_bytes(models.built["2"].data[:100])
+    bitmap_path(part).write_text('{"format": 1}\n')
+    assert len(_tmp_names(inst)) == 3  # part, bitmap, health check
+    events.clear()
+    assert inst.abandon_download("kws", "2", reason="transfer_timeout", detail="chunk 3 unanswered") is True
+    model = inst.store.model("kws")
+    assert model.install is None
+    last = model.last_result
+    assert (last.version, last.outcome, last.reason, last.detail) == ("2", "refused", "transfer_timeout",
+                                                                     "chunk 3 unanswered")
+    assert _tmp_names(inst) == []
+    assert events == [("kws", "refused", {"version": "2", "reason": "transfer_timeout",
+                                          "detail": "chunk 3 unanswered"})]
+    assert inst.pending_downloads() == []
+    assert inst.store.fsck() == []
+    assert_serves(inst, models, "1")
+    # the model is free for the next install
+    assert inst.install_file("kws", "2", models.files["2"]).outcome == "active"
+
+
+def test_abandon_download_without_detail_records_one(inst: Installer, models: Models) -> None:
+    inst.begin_download("kws", "2")
+    assert inst.abandon_download("kws", "2", reason="cancelled")
+    last = inst.store.model("kws").last_result
+    assert (last.outcome, last.reason) == ("refused", "cancelled") and "cancelled" in last.detail
+
+
+@pytest.mark.parametrize("case", ["no_record", "other_version", "past_downloading"])
+def test_abandon_download_changes_nothing_otherwise(inst: Installer, models: Models, events: list,
+                                                    case: str) -> None:
+    inst.install_file("kws", "1", models.files["1"])
+    if case == "other_version":
+        _plant_download(inst, models)
+    elif case == "past_downloading":
+        _plant(inst, models, "2", "verifying")
+    before = inst.store.read()
+    tmp_before = _tmp_names(inst)
+    events.clear()
+    assert inst.abandon_download("kws", "3" if case == "other_version" else "2", reason="cancelled") is False
+    assert inst.store.read() == before
+    assert _tmp_names(inst) == tmp_before
+    assert events == []
+    assert inst.abandon_download("nobody", "1", reason="cancelled") is False
 
 
 def test_load_all_serves_every_active_version_once(inst: Installer, models: Models) -> None:

@@ -45,6 +45,25 @@ def test_resume_table(found: str | None, attempts: int, cap: int, expected: Reco
     assert plan_recovery(rec, max_attempts=cap) == expected
 
 
+# (case name, found state or None, resumable, expected plan): the caller's resumable flag
+# (a chunked transfer with its bitmap on disk) only ever keeps a download.
+RESUMABLE_CASES = [
+    ("downloading_resumable_resumes", "downloading", True, RecoveryPlan(Step.RESUME)),
+    ("downloading_not_resumable_cleans_up", "downloading", False, RecoveryPlan(Step.CLEAN_UP, "interrupted")),
+    ("verifying_resumable_still_cleans_up", "verifying", True, RecoveryPlan(Step.CLEAN_UP, "interrupted")),
+    ("nothing_resumable_is_nothing", None, True, RecoveryPlan(Step.NOTHING)),
+    ("staged_resumable_still_retries", "staged", True, RecoveryPlan(Step.RETRY)),
+    ("active_resumable_still_finishes", "active", True, RecoveryPlan(Step.FINISH)),
+]
+
+
+@pytest.mark.parametrize(("found", "resumable", "expected"), [c[1:] for c in RESUMABLE_CASES],
+                         ids=[c[0] for c in RESUMABLE_CASES])
+def test_resume_table_with_a_resumable_download(found: str | None, resumable: bool, expected: RecoveryPlan) -> None:
+    rec = None if found is None else record(found)
+    assert plan_recovery(rec, resumable=resumable) == expected
+
+
 def test_every_install_state_has_a_recovery_step() -> None:
     assert set(RESUME_TABLE) == set(INSTALL_STATES)
 
