@@ -24,6 +24,7 @@ ROUTES_FORMAT = 1
 class RouteTable:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._routes: dict[str, str] = self._load()
 

@@ -179,6 +179,7 @@ TRUST_REASONS: tuple[str, ...] = (
 INSTALL_REASONS: tuple[str, ...] = (
     "invalid_model", "quota_exceeded", "load_failed", "health_check_failed", "crash_loop",
     "invalid_request", "install_in_progress", "version_conflict", "no_download",
+    "interrupted",  # a restart cut an install short, or a download no longer desired was given up
 )
 TRANSFER_REASONS: tuple[str, ...] = ("transfer_timeout", "transfer_failed", "artifact_not_found", "cancelled")
 SERVING_REASONS: tuple[str, ...] = (
