@@ -175,7 +175,8 @@ class Agent:
         self.transfers = Transfers(PublishingChunkSource(self.device_id, self._publish_request),
                                    self._transfer_settings(cfg))
         self.executor = Executor(self.runtime.installer, self.transfers, self.reporter, self.routes,
-                                 generation=lambda: self.desired.generation if self.desired else None)
+                                 generation=lambda: self.desired.generation if self.desired else None,
+                                 max_artifact_bytes=cfg.limits.max_artifact_bytes)
         self.runtime.start()  # the API answers from here on
         self.collector = TelemetryCollector(self.runtime.engine, data_dir=self.data_dir, device_id=self.device_id,
                                             interval_s=self.telemetry_interval, boot_id=self.boot_id)

@@ -50,6 +50,7 @@ class Executor:
         routes: RouteTable,
         *,
         generation: Callable[[], Optional[int]] = lambda: None,
+        max_artifact_bytes: Optional[int] = None,
     ) -> None:
         self.installer = installer
         self.store: ModelStore = installer.store
@@ -58,6 +59,7 @@ class Executor:
         self.reporter = reporter
         self.routes = routes
         self._generation = generation
+        self.max_artifact_bytes = max_artifact_bytes  # this device's limit (config limits.max_artifact_bytes)
         self._refusals: set[tuple[Optional[int], str, str, str]] = set()
         self._quiet: Optional[tuple[str, str]] = None  # an abandon the executor reports itself
         installer.on_event = self.installer_event
@@ -74,6 +76,7 @@ class Executor:
             transfers_in_progress=self.transfers.busy(),
             blobs_present=self.store.blobs.list(),
             routes=self.routes.all(),
+            max_artifact_bytes=self.max_artifact_bytes,
         )
 
     def report(self) -> reconcile.ReportedState:

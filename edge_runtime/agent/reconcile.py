@@ -214,6 +214,7 @@ def plan(
     transfers_in_progress: Collection[str] = (),
     blobs_present: Collection[str] = (),
     routes: Optional[Mapping[str, str]] = None,
+    max_artifact_bytes: Optional[int] = None,
 ) -> Plan:
     """The steps that take ``actual`` to ``desired``.
 
@@ -233,7 +234,7 @@ def plan(
 
     for name, spec in sorted(desired.models.items()):
         model = actual.models.get(name) or ModelState()
-        version_step = _version_step(name, spec, model, transfers, blobs) if spec.install else None
+        version_step = _version_step(name, spec, model, transfers, blobs, max_artifact_bytes) if spec.install else None
         if version_step is not None:
             steps.append(version_step)
         current = routes.get(name, LOCAL)
@@ -245,7 +246,8 @@ def plan(
 
 
 def _version_step(
-    name: str, spec: ModelSpec, model: ModelState, transfers: frozenset[str], blobs: frozenset[str]
+    name: str, spec: ModelSpec, model: ModelState, transfers: frozenset[str], blobs: frozenset[str],
+    max_artifact_bytes: Optional[int] = None,
 ) -> Optional[Step]:
     """The one step (or none) that makes ``spec.version`` active for ``name``."""
     manifest = spec.manifest
@@ -268,6 +270,10 @@ def _version_step(
         return Install(name, version, sha, manifest.health)
     if sha in transfers:
         return Noop(name, version, "transfer_in_progress")
+    if max_artifact_bytes is not None and manifest.size > max_artifact_bytes:
+        return Refuse(name, version, "too_large",
+                      f"{name} {version} is {manifest.size} bytes; this device takes artifacts of at most "
+                      f"{max_artifact_bytes} (limits.max_artifact_bytes)")
     return Fetch(name, version, sha, manifest.size, manifest.health, tuple(manifest.sources))
 
 

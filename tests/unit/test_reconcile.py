@@ -408,3 +408,14 @@ def test_plans_touch_only_desired_models_except_remove(case: tuple[Optional[m.De
         assert sum(isinstance(s, (r.Fetch, r.Install, r.Activate, r.Refuse, r.Noop)) for s in steps) <= 1
         assert sum(isinstance(s, r.Route) for s in steps) <= 1
         assert isinstance(steps[-1], r.Route) or len(steps) == 1  # the route after the version step
+
+
+def test_an_artifact_over_the_device_limit_is_refused_not_fetched() -> None:
+    want = desired(spec("kws", "2"))  # size 1000
+    (refuse,) = r.plan(want, store(), serving={}, max_artifact_bytes=999)
+    assert isinstance(refuse, r.Refuse) and refuse.reason == "too_large" and "999" in refuse.detail
+    (fetch,) = r.plan(want, store(), serving={}, max_artifact_bytes=1000)
+    assert isinstance(fetch, r.Fetch)
+    # bytes already here are installed whatever their size: the limit is about fetching
+    (install,) = r.plan(want, store(), serving={}, blobs_present={sha("kws", "2")}, max_artifact_bytes=1)
+    assert isinstance(install, r.Install)
