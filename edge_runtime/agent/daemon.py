@@ -258,7 +258,8 @@ class Agent:
         self._wake.set()
 
     def _on_inbox(self, msg: Message) -> None:
-        self.transfers.on_payload(msg.topic, msg.payload)  # chunks; anything else is dropped there
+        if self.transfers.on_payload(msg.topic, msg.payload):  # chunks; anything else is dropped there
+            self._wake.set()  # a window slot is free: the loop sends the next request now, not at its tick
 
     def _on_ctl_state(self, msg: Message) -> None:
         try:
