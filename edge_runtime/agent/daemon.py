@@ -93,15 +93,26 @@ class _RejectionLimiter:
     sent: int = 0
     suppressed: int = 0
 
-    def allow(self, now: float) -> tuple[bool, int]:
+    last_reason: str = "malformed"
+
+    def allow(self, now: float, reason: str) -> tuple[bool, int]:
         if now - self.window_start >= 60.0:
             self.window_start, self.sent = now, 0
         if self.sent >= self.per_min:
             self.suppressed += 1
+            self.last_reason = reason
             return False, 0
         self.sent += 1
         carried, self.suppressed = self.suppressed, 0
         return True, carried
+
+    def overdue(self, now: float) -> int:
+        """The count still unreported once its window has passed (then reset), else 0."""
+        if self.suppressed and now - self.window_start >= 60.0:
+            carried, self.suppressed = self.suppressed, 0
+            self.window_start, self.sent = now, 1
+            return carried
+        return 0
 
 
 class Agent:
@@ -340,6 +351,11 @@ class Agent:
             self._reconcile_due = False
             self._reconcile()
         self._publish_state()
+        overdue = self._rejections.overdue(time.monotonic())
+        if overdue:  # the flood ended inside its minute: say how much went unreported
+            self.reporter.event("rejected", reason=self._rejections.last_reason,
+                                detail=f"{overdue} more documents were rejected (events rate-limited)",
+                                figures={"suppressed": overdue})
 
     def _offer_desired(self, data: bytes) -> None:
         result = self.gate.offer_desired(data, _utcnow())
@@ -354,7 +370,7 @@ class Agent:
 
     def _rejected(self, kind: str, rejection: Any) -> None:
         log.warning("rejected a %s document: %s: %s", kind, rejection.reason.value, rejection)
-        ok, carried = self._rejections.allow(time.monotonic())
+        ok, carried = self._rejections.allow(time.monotonic(), rejection.reason.value)
         if ok:
             figures: dict[str, Any] = {"kind": kind}
             if carried:
