@@ -125,6 +125,7 @@ class Agent:
         self.boot_id = uuid.uuid4().hex
         self.data_dir = Path(config.data_dir)
         self._stop = threading.Event()
+        self._born = threading.Event()  # this connection is subscribed and its birth is out
         self._wake = threading.Event()
         self._exit_code = 0
         self._reload = False
@@ -248,14 +249,18 @@ class Agent:
         assert self.mqtt is not None
         log.info("connected to %s", self.config.broker.url)
         try:
-            self._publish_state(force=True)
+            # Listen first, then announce: a controller that commands a device the moment it
+            # comes online must not find it deaf (sessions are clean: nothing is subscribed yet).
             self.mqtt.subscribe(topics.device_subscriptions(self.device_id))
+            self._publish_state(force=True)
+            self._born.set()
         except MqttError as exc:  # the session dropped again; the next connect retries
             log.warning("birth/subscribe after connect failed: %s", exc)
         self.outbox.wake()
         self._wake.set()
 
     def _on_disconnect(self, reason: Optional[str]) -> None:
+        self._born.clear()
         if reason is not None:
             log.warning("lost the broker: %s", reason)
         self.transfers.suspend()
@@ -418,8 +423,8 @@ class Agent:
     def _publish_state(self, *, force: bool = False) -> None:
         """Publish the retained state if what it reports changed (or ``force``, a birth)."""
         client = self.mqtt
-        if client is None or not client.is_connected:
-            return
+        if client is None or not client.is_connected or not (force or self._born.is_set()):
+            return  # the loop waits for this connection's birth (subscriptions first, then state)
         key = (self.runtime.store.revision(), self.routes.all(), self._reconciled_generation)
         if not force and key == self._published_revision:
             return
