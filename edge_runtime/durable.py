@@ -87,6 +87,25 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int =
     crashpoint("atomic_write.after_rename")
 
 
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
+    """Remove the temp files that killed ``atomic_write_bytes(path, ...)`` calls left beside
+    ``path``; returns their names. Call it at start-up, before this process writes ``path``
+    (a temp of a write in flight in another process would be taken too).
+
+    Raises:
+        OSError: the directory cannot be listed or a temp cannot be removed.
+    """
+    target = Path(path)
+    prefix = f".{target.name}."
+    removed = []
+    if target.parent.is_dir():
+        for entry in target.parent.iterdir():
+            if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
+                entry.unlink(missing_ok=True)
+                removed.append(entry.name)
+    return sorted(removed)
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, mode: int = 0o644) -> None:
     """``atomic_write_bytes`` of ``obj`` as sorted, indented JSON."""
     data = json.dumps(obj, indent=2, sort_keys=True).encode("utf-8") + b"\n"

@@ -240,6 +240,7 @@ class Agent:
         client.add_handler(topics.cmd(dev), self._on_command)
         client.add_handler(topics.inbox_filter(dev), self._on_inbox)
         client.add_handler(topics.CTL_STATE, self._on_ctl_state)
+        self.mqtt = client  # before start(): the first connect hook may run at once and needs it
         client.start()
         return client
 

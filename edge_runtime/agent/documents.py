@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-from edge_runtime.durable import atomic_write_bytes, crashpoint
+from edge_runtime.durable import atomic_write_bytes, crashpoint, remove_stale_temps
 from edge_runtime.protocol.messages import Command, DesiredState
 from edge_runtime.protocol.trust import Outcome, Rejection, TrustedState, Verified
 from edge_runtime.protocol.trust_store import TrustStore
@@ -69,6 +69,8 @@ class DocumentGate:
         self.dir = Path(data_dir) / "agent"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / DESIRED_FILE
+        for name in remove_stale_temps(self.path):
+            log.info("removed %s, left by a write a crash interrupted", name)
         self._store = trust_store
         self._state = state
         self._lock = threading.Lock()

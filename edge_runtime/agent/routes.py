@@ -13,7 +13,7 @@ import logging
 import threading
 from pathlib import Path
 
-from edge_runtime.durable import atomic_write_json
+from edge_runtime.durable import atomic_write_json, remove_stale_temps
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.messages import LOCAL
 
@@ -25,6 +25,7 @@ class RouteTable:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.path)  # a write a crash interrupted
         self._lock = threading.Lock()
         self._routes: dict[str, str] = self._load()
 
