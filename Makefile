@@ -27,8 +27,11 @@ demo: $(STAMP)
 
 test: test-main test-legacy
 
+# Two workers, whole files per worker (module fixtures stay shared). A short basetemp keeps
+# the Unix sockets under DATA_DIR within AF_UNIX's 108 bytes.
+TEST_WORKERS ?= 2
 test-main: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --basetemp=/tmp/edgefleet-pytest-$$(id -u) $(PYTEST_ARGS)
 
 test-legacy:
 	@if $(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info < (3, 12) else 1)'; then \
