@@ -100,7 +100,8 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
     removed = []
     if target.parent.is_dir():
         for entry in target.parent.iterdir():
-            if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
+            name = entry.name
+            if name.startswith(prefix) and name.endswith(".tmp") and len(name) > len(prefix) + len(".tmp"):
                 entry.unlink(missing_ok=True)
                 removed.append(entry.name)
     return sorted(removed)

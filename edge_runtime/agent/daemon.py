@@ -447,13 +447,16 @@ class Agent:
             raise ConnectionError("no MQTT client yet")
         self.mqtt.publish(topic, payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
 
+    def _publish_item(self, item: Item, timeout: float) -> None:
+        assert self.mqtt is not None
+        self.mqtt.publish(item.topic, item.payload, qos=item.qos, retain=item.retain, timeout=timeout)
+
     def _drain(self) -> None:
         """Publish the outbox while connected (a thread of its own, so a slow broker never
         holds the loop)."""
         def publish(item: Item) -> None:
-            assert self.mqtt is not None
             started = time.perf_counter()
-            self.mqtt.publish(item.topic, item.payload, qos=item.qos, retain=item.retain, timeout=PUBLISH_TIMEOUT_S)
+            self._publish_item(item, PUBLISH_TIMEOUT_S)
             if item.qos > 0:
                 self._broker_rtt_ms = (time.perf_counter() - started) * 1000.0
 
@@ -570,10 +573,8 @@ class Agent:
         stop = threading.Event()
         timer = threading.Timer(seconds, stop.set)
         timer.start()
-        mqtt = self.mqtt
         try:
-            self.outbox.drain(lambda item: mqtt.publish(item.topic, item.payload, qos=item.qos, retain=item.retain,
-                                                        timeout=max(0.2, seconds)),
+            self.outbox.drain(lambda item: self._publish_item(item, max(0.2, seconds)),
                               max_per_s=1000.0, stop=stop, until_empty=True)
         except (MqttError, EdgeRuntimeError) as exc:
             log.info("outbox flush stopped: %s (the rest is sent after the restart)", exc)

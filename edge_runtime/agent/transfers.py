@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,7 +48,6 @@ class Job:
     sha256: str
     size: int
     transfer: Transfer
-    started: float = field(default_factory=time.monotonic)
 
 
 class Transfers:

@@ -36,13 +36,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from edge_runtime.durable import atomic_write_json, crashpoint, fsync_dir
+from edge_runtime.durable import atomic_write_json, crashpoint, fsync_dir, remove_stale_temps
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.protocol.dsse import Envelope, EnvelopeError
 from edge_runtime.protocol.trust import MAX_BYTES, Floors, Rejection, TrustedState
@@ -52,7 +51,6 @@ FORMAT_HISTORY: dict[int, str] = {1: "root envelope + floors (root_version, gene
 TRUST_DIR = "trust"
 STATE_FILE = "state.json"
 MAX_STATE_BYTES = 4 * MAX_BYTES  # a root envelope plus floors, re-indented; far below this
-_TEMP_RE = re.compile(r"^\.state\.json\..+\.tmp$")
 
 
 class TrustStoreError(EdgeRuntimeError):
@@ -163,13 +161,7 @@ class TrustStore:
         Raises:
             OSError: a temp could not be removed.
         """
-        removed = []
-        if self.dir.is_dir():
-            for path in self.dir.iterdir():
-                if _TEMP_RE.match(path.name):
-                    path.unlink(missing_ok=True)
-                    removed.append(path.name)
-        return sorted(removed)
+        return remove_stale_temps(self.path)
 
     def _write(self, state: TrustedState) -> None:
         if not self.dir.is_dir():

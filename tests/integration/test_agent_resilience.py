@@ -55,6 +55,7 @@ from controller.artifact_service import ArtifactService, DirectoryLookup
 from controller.artifacts import ArtifactServer
 from edge_runtime.mqtt import MqttClient, MqttConfig
 from tests.agentkit import AgentProcess, Keys, NotifyListener, Observer, desired_doc, manifest_for, write_config
+from tests import brokers
 from tests.brokers import make_broker, mosquitto_binary
 from tests.helpers import free_port, wait_until
 from tests.netproxy import TcpProxy
@@ -338,16 +339,7 @@ OUTAGE_S = 30.0
 
 @pytest.fixture
 def one_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    kind = request.param
-    if kind == "mosquitto" and mosquitto_binary() is None:
-        pytest.skip("mosquitto binary not found")
-    b = make_broker(kind, workdir=tmp_path / kind)
-    b.workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        b.start()
-        yield b
-    finally:
-        b.close()
+    yield from brokers._started(request.param, tmp_path)
 
 
 @pytest.mark.timeout(180)
