@@ -5,7 +5,7 @@
         observer connects to broker.url directly        # the test's own view never breaks
         proxy.cut()      # every live connection closed, new ones closed on accept
         proxy.restore()  # connections pass again
-        proxy.bytes_up, proxy.bytes_down                # bytes forwarded, client->target / back
+        proxy.bytes_up, proxy.bytes_down                # bytes taken to forward, client->target / back
 
 Threads: one accept thread, and two pump threads per connection (one per direction). No
 pytest dependency (the benchmark imports it).
@@ -172,12 +172,14 @@ class TcpProxy:
                 data = src.recv(_BUF)
                 if not data:
                     break
-                dst.sendall(data)
+                # counted before forwarding, so the count is ordered before anything the
+                # bytes cause on the other side (an echo can never outrun its own count)
                 with self._lock:
                     if up:
                         self.bytes_up += len(data)
                     else:
                         self.bytes_down += len(data)
+                dst.sendall(data)
         except OSError:
             pass
         finally:

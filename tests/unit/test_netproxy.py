@@ -93,7 +93,7 @@ def test_cut_drops_live_connections_and_refuses_new_ones_until_restored(echo):
         live = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         live.sendall(b"hello")
         assert live.recv(5) == b"hello"
-        wait_until(lambda: proxy.live == 1, timeout=5, what="one live link")
+        wait_until(lambda: proxy.live == 1 and proxy.bytes_up == 5, timeout=5, what="one live link, counted")
 
         proxy.cut()
         assert proxy.is_cut and proxy.live == 0
