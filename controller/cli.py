@@ -5,7 +5,10 @@
     fleetctl keys rotate --dir DIR [...]    root N+1 (replace, add or remove keys; new thresholds)
     fleetctl keys show --dir DIR [--json]   roles, thresholds, keys, version and expiry
 
-The release, rollout and device commands arrive with the controller daemon.
+    fleetctl broker ...                     the embedded MQTT broker (controller/broker.py)
+    fleetctl serve ...                      the controller daemon (controller/daemon.py)
+    fleetctl models push|ls, devices, deploy, rollout, cmd, top ... (controller/console.py)
+    fleetctl demo                           the whole stack on one machine (controller/demo.py)
 """
 
 from __future__ import annotations
@@ -195,7 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_models_inspect)
     _add_keys_parser(sub)
+    # Each part of the controller owns its subcommands (one module, one job).
+    import importlib
+
+    for name in _PARTS:
+        importlib.import_module(name).add_cli(sub, models)
     return parser
+
+
+# Modules with ``add_cli(subparsers, models_subparsers)``: the broker, the daemon, the
+# console commands and the demo.
+_PARTS = ("controller.broker", "controller.daemon", "controller.console", "controller.demo")
 
 
 def main(argv: list[str] | None = None) -> int:
