@@ -1,9 +1,352 @@
-"""``fleetctl serve``: the controller daemon. (being built: see issue 5)"""
+"""``fleetctl serve``: the controller daemon — thin glue between MQTT, the store and the parts.
+
+    fleetctl serve --broker URL --db URL --keys DIR [--data DIR] [--shared [GROUP]]
+                   [--metrics-port N] [--instance ID] [--username U --password-file F]
+
+What runs where:
+
+    MQTT dispatcher thread   device reports -> ``Ingest`` (idempotent store writes);
+                             chunk requests -> ``ArtifactService``
+    api pool (4 threads)     console requests -> ``ApiServer`` -> reply (``cmd`` waits for a
+                             device's reply, which comes through the dispatcher)
+    ticker thread            rollouts (``RolloutDriver.tick``) every ``--tick`` seconds and at
+                             once when a device report may move one; desired documents
+                             re-signed before they expire; raw telemetry expired
+    connect hook             subscribe, retained ``ctl/state`` online, every desired state
+                             re-published (brokers forget retained messages)
+
+``ctl/state`` is retained with a Last Will of ``online: false`` (Sparkplug primary host
+STATE); a clean stop publishes it too. With ``--shared`` the device topics, chunk requests
+and console requests are subscribed through ``$share/GROUP/`` so replicas split them; the
+store's idempotent writes and compare-and-set rollouts make the split safe. Device state
+is never shared: every replica keeps the whole online picture.
+
+Exit codes: 0 clean stop (SIGTERM/SIGINT), 1 a fatal error at start (bad keys, database
+unreachable: the message says what to fix), 2 usage.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from controller.api import ApiServer
+from controller.artifact_service import ArtifactService
+from controller.artifacts import ArtifactServer
+from controller.blobs import BlobCache
+from controller.commands import CommandSender
+from controller.desired import DesiredPublisher
+from controller.ingest import Ingest, Ingested
+from controller.keys import KeyDir
+from controller.rollouts import RolloutDriver
+from controller.store import Store
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.mqtt import Message, MqttClient, MqttConfig, Will
+from edge_runtime.protocol import messages, topics
+from edge_runtime.protocol.messages import ControllerState
+
+__all__ = ["Controller", "ServeConfig", "add_cli"]
+
+log = logging.getLogger("controller")
+
+DEFAULT_SHARE_GROUP = "edgefleet-ctl"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    broker: str
+    db: str
+    keys: Path
+    data: Path
+    instance: str
+    share_group: Optional[str] = None
+    metrics_port: Optional[int] = None
+    metrics_addr: str = "127.0.0.1"
+    username: Optional[str] = None
+    password: Optional[str] = None
+    passphrase: Optional[str] = None
+    tick_s: float = 1.0
+    desired_valid_for: timedelta = timedelta(days=7)
+    retention_s: float = 7 * 86400
+    api_threads: int = 4
+
+
+class Controller:
+    """One controller replica. ``start()`` connects in the background and returns;
+    ``stop()`` publishes offline STATE and shuts everything down."""
+
+    def __init__(self, cfg: ServeConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.instance = cfg.instance
+        cfg.data.mkdir(parents=True, exist_ok=True)
+        self.keydir = KeyDir(cfg.keys)
+        self.keydir.signing_keys("deploy", passphrase=cfg.passphrase)  # fail at start, not at the first deploy
+        self.keydir.signing_keys("command", passphrase=cfg.passphrase)
+        self.store = Store.open(cfg.db)
+        self.client = MqttClient(MqttConfig(
+            url=cfg.broker, client_id=f"ctl-{cfg.instance}", username=cfg.username, password=cfg.password,
+            will=Will(topic=topics.CTL_STATE, payload=self._ctl_state(False), qos=1, retain=True),
+            keepalive=15, reconnect_max_delay=10.0,
+        ))
+        self.ingest = Ingest(self.store, clock=clock)
+        self.desired = DesiredPublisher(self.store, self.keydir, self._publish_retained, clock=clock,
+                                        valid_for=cfg.desired_valid_for, passphrase=cfg.passphrase)
+        self.commands = CommandSender(self.store, self.keydir, self._publish, clock=clock, passphrase=cfg.passphrase)
+        self.driver = RolloutDriver(self.store, self.desired.publish_many, clock=clock)
+        self.api = ApiServer(self.store, driver=self.driver, desired=self.desired, commands=self.commands,
+                             keydir=self.keydir, clock=clock, instance=cfg.instance, passphrase=cfg.passphrase)
+        self.blobs = BlobCache(self.store, cfg.data / "artifacts")
+        self.artifacts = ArtifactService(self.client, ArtifactServer(self.blobs), share_group=cfg.share_group)
+        self._pool = ThreadPoolExecutor(max_workers=cfg.api_threads, thread_name_prefix="ctl-api")
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._ticker: Optional[threading.Thread] = None
+        self._stop_metrics: Optional[Callable[[], None]] = None
+        self._republish_pending = threading.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve: handlers, metrics, ticker, then connect (in the background, forever).
+
+        Raises:
+            OSError: the metrics port cannot be bound.
+        """
+        subs = topics.controller_subscriptions(self.cfg.share_group)
+        for topic_filter, _qos in subs:
+            if topic_filter.endswith(topics.API_REQUEST):
+                self.client.add_handler(topic_filter, self._on_api)
+            elif "artifacts" not in topic_filter:
+                self.client.add_handler(topic_filter, self._on_report)
+        self._subs = [(f, q) for f, q in subs if "artifacts" not in f]  # the artifact service subscribes its own
+        self.client.add_connect_hook(self._on_connect)
+        self.artifacts.start()
+        if self.cfg.metrics_port is not None:
+            from controller.metrics import serve_metrics
+
+            self._stop_metrics = serve_metrics(self, self.cfg.metrics_port, addr=self.cfg.metrics_addr)
+        self._ticker = threading.Thread(target=self._tick_loop, name="ctl-ticker", daemon=True)
+        self._ticker.start()
+        self.client.start()
+
+    def connected(self) -> bool:
+        return self.client.is_connected
+
+    def stop(self) -> None:
+        """Offline STATE, disconnect, stop threads, close the store. Idempotent."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._wake.set()
+        if self.client.is_connected:
+            try:
+                self.client.publish(topics.CTL_STATE, self._ctl_state(False), qos=1, retain=True, timeout=5)
+            except Exception as exc:  # noqa: BLE001 - the Will covers us
+                log.warning("offline STATE not published: %s", exc)
+        self.artifacts.stop()
+        self.client.disconnect()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._ticker is not None:
+            self._ticker.join(10)
+        if self._stop_metrics is not None:
+            self._stop_metrics()
+        self.store.close()
+
+    # -- MQTT -----------------------------------------------------------------------------
+
+    def _ctl_state(self, online: bool) -> bytes:
+        from datetime import datetime, timezone
+
+        return messages.encode(ControllerState(online=online, at=datetime.now(timezone.utc), instance=self.instance))
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1)
+
+    def _publish_retained(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1, retain=True)
+
+    def _on_connect(self, _session_present: bool) -> None:
+        try:
+            self.client.subscribe(self._subs)
+            self.client.publish(topics.CTL_STATE, self._ctl_state(True), qos=1, retain=True)
+        except Exception as exc:  # noqa: BLE001 - the client reconnects and calls us again
+            log.error("after connecting: subscribe / STATE failed: %s", exc)
+            return
+        log.info("connected to %s as ctl-%s%s", self.cfg.broker, self.instance,
+                 f" (shared group {self.cfg.share_group})" if self.cfg.share_group else "")
+        self._republish_pending.set()  # the ticker does it: it may be thousands of documents
+        self._wake.set()
+
+    def _on_report(self, msg: Message) -> None:
+        try:
+            done = self.ingest.handle(msg.topic, msg.payload)
+        except Exception:  # noqa: BLE001 - the store failed: log; the device re-sends state, the outbox telemetry
+            log.exception("ingest of %s failed", msg.topic)
+            return
+        if done is not None and done.new:
+            self._after_ingest(done)
+
+    def _after_ingest(self, done: Ingested) -> None:
+        if done.kind == "reply":
+            self.commands.on_reply()
+        elif done.kind == "event":
+            self._wake.set()
+        elif done.kind == "state":
+            self._wake.set()
+            state: messages.DeviceState = done.message
+            if state.online:
+                record = self.store.get_desired(done.device_id)
+                if record is not None and (state.generation or 0) < record.generation:
+                    self._pool.submit(self.desired.publish, done.device_id)
+
+    def _on_api(self, msg: Message) -> None:
+        if self._stopping.is_set():
+            return
+        self._pool.submit(self._answer, msg.payload)
+
+    def _answer(self, payload: bytes) -> None:
+        answer = self.api.handle(payload)
+        if answer is None:
+            return
+        topic, body = answer
+        try:
+            self.client.publish(topic, body, qos=1)
+        except Exception as exc:  # noqa: BLE001 - the console times out and says so
+            log.warning("console answer to %s not published: %s", topic, exc)
+
+    # -- the ticker -------------------------------------------------------------------------
+
+    def _tick_loop(self) -> None:
+        last_refresh = 0.0
+        last_expire = 0.0
+        while not self._stopping.is_set():
+            self._wake.wait(self.cfg.tick_s)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                if self._republish_pending.is_set() and self.client.is_connected:
+                    self._republish_pending.clear()
+                    n = self.desired.republish_all()
+                    log.info("re-published %d desired documents", n)
+                self.driver.tick()
+                now = self.clock()
+                if now - last_refresh >= 60:
+                    last_refresh = now
+                    self.desired.refresh_expiring()
+                if now - last_expire >= 3600:
+                    last_expire = now
+                    self.store.expire_telemetry(before=now - self.cfg.retention_s)
+            except Exception:  # noqa: BLE001 - keep ticking; the next tick retries
+                log.exception("controller tick failed")
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def _read_secret(path: Optional[str], what: str) -> Optional[str]:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise EdgeRuntimeError(f"cannot read the {what} file {path}: {exc}") from exc
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 30s, 5m, 2h, 7d; got {text!r}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("amqtt").setLevel(logging.WARNING)
+    instance = args.instance or f"{socket.gethostname().split('.')[0][:40]}-{uuid.uuid4().hex[:6]}"
+    topics.check_id(instance, "instance")
+    share = None
+    if args.shared is not None:
+        share = args.shared or DEFAULT_SHARE_GROUP
+    passphrase = _read_secret(args.passphrase_file, "passphrase")
+    if passphrase is None and args.passphrase_env:
+        passphrase = os.environ.get(args.passphrase_env)
+    cfg = ServeConfig(
+        broker=args.broker, db=args.db, keys=args.keys, data=args.data, instance=instance, share_group=share,
+        metrics_port=args.metrics_port, metrics_addr=args.metrics_addr, username=args.username,
+        password=_read_secret(args.password_file, "password"), passphrase=passphrase, tick_s=args.tick,
+        desired_valid_for=timedelta(seconds=args.desired_validity), retention_s=args.retention,
+    )
+    controller = Controller(cfg)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    controller.start()
+    log.info("fleetctl serve %s: db %s, keys %s, data %s%s", instance, _redact(args.db), args.keys, args.data,
+             f", metrics on {args.metrics_addr}:{args.metrics_port}" if args.metrics_port else "")
+    stop.wait()
+    log.info("stopping")
+    controller.stop()
+    return 0
+
+
+def _redact(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
 
 
 def add_cli(sub: Any, models: Any) -> None:
-    """Register this part's ``fleetctl`` subcommands."""
+    p = sub.add_parser("serve", help="run the controller daemon")
+    p.add_argument("--broker", default=os.environ.get("FLEETCTL_BROKER", "mqtt://127.0.0.1:1883"), metavar="URL")
+    p.add_argument("--db", default=None, metavar="URL",
+                   help="sqlite:///PATH (default: sqlite:///DATA/controller.db) or postgresql+psycopg://...")
+    p.add_argument("--keys", required=True, type=Path, metavar="DIR", help="the key directory of `fleetctl keys init`")
+    p.add_argument("--data", type=Path, default=Path("controller-data"), metavar="DIR",
+                   help="local files: the artifact cache and the default SQLite database")
+    p.add_argument("--shared", nargs="?", const="", default=None, metavar="GROUP",
+                   help=f"split device topics with other replicas via $share/GROUP/ (default {DEFAULT_SHARE_GROUP})")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="N", help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR")
+    p.add_argument("--instance", default=None, metavar="ID", help="this replica's id (default: host name + random)")
+    p.add_argument("--username", default=os.environ.get("FLEETCTL_USERNAME"), metavar="USER")
+    p.add_argument("--password-file", default=os.environ.get("FLEETCTL_PASSWORD_FILE"), metavar="FILE")
+    p.add_argument("--passphrase-file", default=None, metavar="FILE", help="opens encrypted signing keys")
+    p.add_argument("--passphrase-env", default=None, metavar="VAR")
+    p.add_argument("--tick", type=_duration, default=1.0, metavar="S", help="rollout tick (default 1s)")
+    p.add_argument("--desired-validity", type=_duration, default=7 * 86400.0, metavar="D",
+                   help="how long a signed desired state is valid (default 7d; re-signed at half)")
+    p.add_argument("--retention", type=_duration, default=7 * 86400.0, metavar="D",
+                   help="raw telemetry and events kept this long (default 7d; hourly rollups stay)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(fn=_serve_entry)
+
+
+def _serve_entry(args: argparse.Namespace) -> int:
+    if args.db is None:
+        args.data.mkdir(parents=True, exist_ok=True)
+        args.db = f"sqlite:///{(args.data / 'controller.db').resolve()}"
+    return cmd_serve(args)
+

@@ -1,0 +1,140 @@
+"""Desired state: from the store's assignments to signed, retained documents on the wire.
+
+``DesiredPublisher`` owns one job: for a device, build its ``messages.DesiredState`` from
+``assignments`` + ``releases`` at the device's current generation, sign it with the deploy
+role (``signing.sign_desired``), remember the envelope in the store and publish it
+retained on ``topics.desired(device)``. It re-signs a document before it expires (a
+device refuses an expired one, and a device that reconnects after a week must still find
+a valid one), and re-publishes everything after a (re)connect because brokers forget
+retained messages (DESIGN.md, "Brokers forget"). A device treats a document with the
+generation it already holds as benign, so publishing again is always safe.
+
+Signing and publishing happen outside store transactions; ``record_signed`` ignores a
+document for a generation that has since moved on, so two replicas racing cannot leave
+an old generation as "the" signed document.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta, timezone
+from typing import Optional
+
+from controller import signing
+from controller.keys import KeyDir
+from controller.store import DesiredRecord, NotFound, Store
+from edge_runtime.protocol import messages, topics
+from edge_runtime.protocol.dsse import Envelope
+from edge_runtime.protocol.signed import Target
+
+__all__ = ["DesiredPublisher", "build_desired"]
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], None]  # (topic, payload): retained, QoS 1; raises on failure
+
+
+def build_desired(store: Store, device_id: str, generation: int, *, issued_at: datetime,
+                  valid_for: timedelta) -> messages.DesiredState:
+    """The desired state of ``device_id`` at ``generation`` from its assignments.
+
+    Raises:
+        NotFound: an assignment names a release that does not exist (a bug upstream: a
+            release is never deleted while assigned).
+    """
+    models: dict[str, messages.ModelSpec] = {}
+    for a in store.assignments(device_id):
+        release = store.get_release(a.model, a.version)
+        manifest = messages.ModelManifest.model_validate(release.manifest)
+        models[a.model] = messages.ModelSpec(version=a.version, manifest=manifest, route=a.route, install=a.install)
+    return messages.DesiredState(
+        target=Target(device=device_id), generation=generation, models=models,
+        issued_at=issued_at, expires=issued_at + valid_for,
+    )
+
+
+class DesiredPublisher:
+    """Sign and publish devices' desired state. Thread-safe; see the module docstring."""
+
+    def __init__(self, store: Store, keydir: KeyDir, publish: Publish, *, clock: Callable[[], float],
+                 valid_for: timedelta = signing.VALIDITY["desired"], passphrase: Optional[str] = None) -> None:
+        self.store = store
+        self.keydir = keydir
+        self.publish_fn = publish
+        self.clock = clock
+        self.valid_for = valid_for
+        self.passphrase = passphrase
+        self.signed = 0
+        self.published = 0
+        self.failures = 0
+        self._lock = threading.Lock()
+        self._keys = None  # deploy keys, loaded once (they may need a passphrase)
+
+    def publish(self, device_id: str, *, resign: bool = False) -> Optional[int]:
+        """Publish the device's current desired document, signing a new one when the stored
+        one is for an older generation, missing, expiring within half its validity, or
+        ``resign``. Returns the generation published, None when the device has none
+        (never assigned anything) or publishing failed (logged, counted; the next sweep or
+        reconnect tries again)."""
+        record = self.store.get_desired(device_id)
+        if record is None:
+            return None
+        try:
+            envelope = self._current(record, resign=resign)
+            self.publish_fn(topics.desired(device_id), envelope)
+        except NotFound as exc:
+            self.failures += 1
+            log.error("desired state of %s cannot be built: %s", device_id, exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 - MQTT errors: the next sweep retries
+            self.failures += 1
+            log.warning("desired state of %s (generation %d) not published: %s", device_id, record.generation, exc)
+            return None
+        self.published += 1
+        return record.generation
+
+    def publish_many(self, device_ids: Iterable[str]) -> int:
+        """Publish each; returns how many went out."""
+        return sum(1 for d in device_ids if self.publish(d) is not None)
+
+    def republish_all(self) -> int:
+        """Every device's document (after a connect: the broker may have forgotten them)."""
+        return self.publish_many(r.device_id for r in self.store.list_desired())
+
+    def refresh_expiring(self) -> int:
+        """Re-sign and publish documents past half their validity; returns how many."""
+        now = self.clock()
+        half = self.valid_for.total_seconds() / 2
+        due = [r.device_id for r in self.store.list_desired()
+               if r.signed_generation != r.generation or r.expires_at is None or r.expires_at - now < half]
+        return self.publish_many(due)
+
+    # -- inside ---------------------------------------------------------------------------
+
+    def _current(self, record: DesiredRecord, *, resign: bool) -> bytes:
+        now = self.clock()
+        fresh = (
+            not resign
+            and record.envelope is not None
+            and record.signed_generation == record.generation
+            and record.expires_at is not None
+            and record.expires_at - now >= self.valid_for.total_seconds() / 2
+        )
+        if fresh:
+            return record.envelope.encode()  # type: ignore[union-attr]
+        issued = datetime.fromtimestamp(int(now), timezone.utc)
+        body = build_desired(self.store, record.device_id, record.generation, issued_at=issued, valid_for=self.valid_for)
+        envelope: Envelope = signing.sign_body(body, "desired", self._deploy_keys())
+        payload = envelope.to_json()
+        self.signed += 1
+        self.store.record_signed(record.device_id, record.generation, payload.decode(), signed_at=now,
+                                 expires_at=body.expires.timestamp())
+        return payload
+
+    def _deploy_keys(self) -> list:
+        with self._lock:
+            if self._keys is None:
+                self._keys = self.keydir.signing_keys("deploy", passphrase=self.passphrase)
+            return self._keys
