@@ -1,9 +1,390 @@
-"""The embedded MQTT broker (amqtt) with fleet authentication and ACLs. (being built: see issue 5)"""
+"""The embedded MQTT broker (amqtt) with fleet authentication and ACLs, and ``fleetctl broker``.
+
+This module owns running the broker: the two amqtt plugins that apply
+``controller.credentials`` (who may connect, what each may publish, subscribe to and
+receive), the amqtt config dict, the asyncio main, and the CLI. The rules themselves
+(roles, password hashes, ``acl_allows``, the Mosquitto files) live in
+``controller/credentials.py``; see its docstring for the three roles:
+
+    device      username = device id, client id = username; exactly topics.device_acl(id)
+    controller  everything under fleet/v1/# (shared subscriptions too)
+    console     publishes the API request topic; reads its own reply topic and the
+                fleet's state/telemetry/events and ctl/state
+
+A CONNECT is refused (CONNACK 5, not authorised) for an unknown user, a wrong password, a
+client id that is not a plain id (``+``, ``#``, ``/``, empty: amqtt would invent
+``amqtt/...``), or a device whose client id is not its username. A refused subscription
+gets SUBACK 0x80 (MQTT 3.1.1; amqtt speaks nothing newer); a refused publish is dropped
+silently (3.1.1 has no negative PUBACK); a message a client may not receive is not sent.
+
+amqtt 0.12.1 specifics, worked around here:
+
+* Retained messages on subscribe/connect skip the RECEIVE check, and a reconnecting client
+  is sent the retained messages of *every* filter any client subscribed to. ``FleetBroker``
+  sends a client only retained messages of its own filters that it may receive.
+* Shared subscriptions (``$share/...``) are not implemented: such a filter is stored as is
+  and matches nothing. Run one controller replica against amqtt (DESIGN.md: Mosquitto or
+  EMQX when one broker is not enough).
+* Retained messages and persistent sessions survive a restart through
+  ``amqtt.contrib.persistence.SessionDBPlugin`` in ``<data>/broker.sqlite``, which needs
+  the ``aiosqlite`` driver; without it the broker runs in memory and says so.
+
+CLI (``fleetctl broker`` runs the broker; the others are subcommands):
+
+    fleetctl broker [--bind 127.0.0.1:1883] [--users FILE] [--data DIR] [--allow-anonymous]
+    fleetctl broker user add NAME --role device|controller|console --users FILE [--password-file F]
+    fleetctl broker user rm NAME --users FILE
+    fleetctl broker user ls --users FILE [--json]
+    fleetctl broker mosquitto --users FILE --out DIR [--bind 127.0.0.1:1883] [--run-as USER]
+
+The users file is read at start-up: restart the broker after ``user add``/``rm``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+import asyncio
+import importlib.util
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from controller.credentials import (
+    ROLES, CredentialsError, UserDB, UsersFileError, acl_allows, client_id_allowed, generate_password,
+    mosquitto_files, to_json,
+)
+from edge_runtime.console import emit_json, table
+
+log = logging.getLogger("edgefleet.broker")
+
+DEFAULT_BIND = "127.0.0.1:1883"
+DB_FILE = "broker.sqlite"
+
+
+class BrokerConfigError(CredentialsError):
+    """The broker cannot start with these options (say which and what to do)."""
+
+    code = "broker_config_error"
+
+
+# -- amqtt plugins -----------------------------------------------------------------------
+#
+# amqtt imports these by dotted path and fills ``Config`` from the ``plugins:`` section.
+# The base classes come from amqtt, which is only in the controller extra: import lazily.
+
+try:
+    from amqtt.broker import Broker
+    from amqtt.contexts import Action
+    from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+    from amqtt.session import Session
+except ImportError:  # pragma: no cover - the controller extra is not installed
+    Broker = BaseAuthPlugin = BaseTopicPlugin = object  # type: ignore[assignment,misc]
+    Action = Session = Any  # type: ignore[assignment,misc]
+
+
+def _load_users(users_file: Optional[str]) -> UserDB:
+    # No file is only possible with allow_anonymous (broker_config checks): nobody can log in.
+    return UserDB.load(users_file) if users_file else UserDB(Path("/nonexistent-edgefleet-users"))
+
+
+class FleetAuthPlugin(BaseAuthPlugin):  # type: ignore[misc,valid-type]
+    """CONNECT: users from the users file, plain client ids, device client id = username."""
+
+    @dataclass
+    class Config:
+        users_file: Optional[str] = None
+        allow_anonymous: bool = False
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self.users = _load_users(self.config.users_file)
+
+    async def authenticate(self, *, session: Session) -> bool:  # type: ignore[override]
+        client_id, username = session.client_id, session.username
+        if session.username is None:
+            if self.config.allow_anonymous and client_id_allowed(None, None, client_id):
+                session.is_anonymous = True
+                return True
+            log.info("refused %r: no username (anonymous clients are not allowed)", client_id)
+            return False
+        # PBKDF2 with 101 iterations takes ~0.1 ms: fine on the event loop.
+        role = self.users.verify(username, session.password)
+        if role is None:
+            log.info("refused %r: unknown user or wrong password for %r", client_id, username)
+            return False
+        if not client_id_allowed(role, username, client_id):
+            log.info("refused %r (user %r, role %s): a client id must be 1-64 of [A-Za-z0-9._-] "
+                     "and a device's must equal its username", client_id, username, role)
+            return False
+        return True
+
+
+class FleetTopicPlugin(BaseTopicPlugin):  # type: ignore[misc,valid-type]
+    """PUBLISH, SUBSCRIBE and delivery (RECEIVE) checks: ``credentials.acl_allows``."""
+
+    @dataclass
+    class Config:
+        users_file: Optional[str] = None
+        allow_anonymous: bool = False
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self.users = _load_users(self.config.users_file)
+
+    async def topic_filtering(self, *, session: Optional[Session] = None, topic: Optional[str] = None,
+                              action: Optional[Action] = None) -> bool:  # type: ignore[override]
+        if session is None or topic is None or action is None:
+            return False
+        if session.username is None:
+            # Only authenticated sessions get here: anonymous ones exist only with
+            # --allow-anonymous, a development broker without ACLs.
+            return bool(self.config.allow_anonymous)
+        allowed = acl_allows(self.users.role(session.username), session.username, session.client_id,
+                             str(action.value), topic)
+        if not allowed:
+            log.info("denied %s %r to %r (user %r)", action.value, topic, session.client_id, session.username)
+        return allowed
+
+
+class FleetBroker(Broker):  # type: ignore[misc,valid-type]
+    """amqtt's Broker, sending retained messages only where they belong.
+
+    amqtt 0.12.1 publishes retained messages to a subscriber without the RECEIVE check,
+    and on every CONNECT walks *all* subscription filters in the broker (anyone's) and
+    sends the connecting client every retained message matching any of them: a device
+    would get every device's retained desired state once the controller subscribed to
+    ``fleet/v1/#``. Here a client gets a retained message only for a filter it holds
+    itself and only if the topic plugins let it receive that topic.
+    """
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Session) -> None:
+        topic_filter, qos = subscription
+        holders = self._subscriptions.get(topic_filter, [])
+        if not any(s.client_id == session.client_id for s, _ in holders):
+            return
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await self._topic_filtering(session, topic, Action.RECEIVE):
+                continue
+            tasks.append(asyncio.ensure_future(
+                handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)))
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+# -- config and main ---------------------------------------------------------------------
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """(host, port) of ``HOST:PORT``.
+
+    Raises:
+        BrokerConfigError: not HOST:PORT with a port 1..65535.
+    """
+    host, sep, port = bind.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BrokerConfigError(f"--bind {bind!r}: expected HOST:PORT, e.g. {DEFAULT_BIND}")
+    return host.strip("[]"), int(port)
+
+
+def persistence_available() -> bool:
+    """Whether amqtt's SQLite persistence can run (it needs the ``aiosqlite`` driver)."""
+    return importlib.util.find_spec("aiosqlite") is not None
+
+
+def broker_config(bind: str, users_file: Optional[Path], data_dir: Optional[Path],
+                  allow_anonymous: bool) -> dict[str, Any]:
+    """amqtt's config dict: one TCP listener on ``bind``, the fleet plugins and, with a
+    ``data_dir`` and aiosqlite, retained messages and sessions in ``data_dir/broker.sqlite``.
+
+    Raises:
+        BrokerConfigError: neither users nor anonymous access, or a bad ``bind``.
+        UsersFileError: the users file cannot be read.
+    """
+    parse_bind(bind)
+    if users_file is None and not allow_anonymous:
+        raise BrokerConfigError(
+            "no users: give --users FILE (create one with 'fleetctl broker user add NAME --role ROLE "
+            "--users FILE') or, for a development broker without ACLs, --allow-anonymous")
+    if users_file is not None:
+        UserDB.load(users_file)  # fail here, with our message, rather than inside amqtt
+    opts = {"users_file": str(users_file) if users_file else None, "allow_anonymous": allow_anonymous}
+    plugins: dict[str, Any] = {
+        f"{__name__}.FleetAuthPlugin": dict(opts),
+        f"{__name__}.FleetTopicPlugin": dict(opts),
+    }
+    if data_dir is not None and persistence_available():
+        plugins["amqtt.contrib.persistence.SessionDBPlugin"] = {
+            "connection": f"sqlite+aiosqlite:///{Path(data_dir).resolve() / DB_FILE}",
+            # Its default wipes the database on a clean stop: we want the opposite.
+            "clear_on_shutdown": False,
+        }
+    return {"listeners": {"default": {"type": "tcp", "bind": bind}}, "plugins": plugins}
+
+
+async def run_broker(bind: str = DEFAULT_BIND, *, users_file: Optional[Path] = None, data_dir: Optional[Path] = None,
+                     allow_anonymous: bool = False, stop: Optional[asyncio.Event] = None) -> None:
+    """Run the broker until SIGTERM/SIGINT (or ``stop`` is set), then shut it down cleanly.
+
+    Raises:
+        BrokerConfigError, UsersFileError: see ``broker_config``.
+        OSError: the address cannot be bound.
+    """
+    if data_dir is not None:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+    config = broker_config(bind, users_file, data_dir, allow_anonymous)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    broker = FleetBroker(config)
+    try:
+        await broker.start()
+        persisted = "amqtt.contrib.persistence.SessionDBPlugin" in config["plugins"]
+        if data_dir is not None and not persisted:
+            log.warning("aiosqlite is not installed: retained messages and sessions are kept in memory only")
+        users = len(UserDB.load(users_file)) if users_file else 0
+        print(f"fleetctl broker: listening on mqtt://{bind} ({users} users"
+              f"{', anonymous allowed' if allow_anonymous else ''}"
+              f"{', persisted in ' + str(Path(data_dir) / DB_FILE) if persisted else ', in memory'})",
+              file=sys.stderr, flush=True)
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if broker.transitions.state == "started":
+            await broker.shutdown()
+
+
+# -- CLI ---------------------------------------------------------------------------------
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    try:
+        broker_config(args.bind, args.users, args.data, args.allow_anonymous)  # usage errors: exit 2
+    except BrokerConfigError as exc:
+        print(f"fleetctl broker: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(run_broker(args.bind, users_file=args.users, data_dir=args.data,
+                               allow_anonymous=args.allow_anonymous))
+    except OSError as exc:
+        print(f"fleetctl broker: cannot listen on {args.bind}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _read_password(path: Optional[Path]) -> tuple[str, bool]:
+    """(password, generated): the first line of ``path``, or a fresh random one.
+
+    Raises:
+        UsersFileError: the file cannot be read.
+    """
+    if path is None:
+        return generate_password(), True
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n"), False
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsersFileError(f"cannot read the password file {path}: {exc}; give a readable UTF-8 file") from exc
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    db = UserDB.load(args.users, missing_ok=True)
+    password, generated = _read_password(args.password_file)
+    user = db.add(args.name, args.role, password)
+    db.save()
+    if args.json:
+        emit_json({"name": user.name, "role": user.role, **({"password": password} if generated else {})})
+    elif generated:
+        # Shown once: only the hash is stored.
+        print(f"added {user.role} {user.name}; its password (shown once, store it now):\n{password}")
+    else:
+        print(f"added {user.role} {user.name}")
+    return 0
+
+
+def cmd_user_rm(args: argparse.Namespace) -> int:
+    db = UserDB.load(args.users)
+    db.remove(args.name)
+    db.save()
+    if args.json:
+        emit_json({"removed": args.name})
+    else:
+        print(f"removed {args.name}")
+    return 0
+
+
+def cmd_user_ls(args: argparse.Namespace) -> int:
+    db = UserDB.load(args.users)
+    if args.json:
+        emit_json({"users": to_json(db)})
+    else:
+        table(["name", "role"], [[u["name"], u["role"]] for u in to_json(db)])
+    return 0
+
+
+def cmd_mosquitto(args: argparse.Namespace) -> int:
+    host, port = parse_bind(args.bind)
+    paths = mosquitto_files(UserDB.load(args.users), args.out, port=port, bind=host, run_as=args.run_as)
+    if args.json:
+        emit_json({k: str(v) for k, v in paths.items()})
+    else:
+        print(f"wrote {paths['passwd']}, {paths['acl']} and {paths['conf']}; run: mosquitto -c {paths['conf']}")
+    return 0
 
 
 def add_cli(sub: Any, models: Any) -> None:
-    """Register this part's ``fleetctl`` subcommands."""
+    """Register ``fleetctl broker`` (runs the broker) and its ``user``/``mosquitto`` subcommands."""
+    p = sub.add_parser("broker", help="run the embedded MQTT broker; manage its users; write a Mosquitto config",
+                       description="Without a subcommand: run the embedded amqtt broker with fleet ACLs.")
+    p.add_argument("--bind", default=DEFAULT_BIND, metavar="HOST:PORT", help=f"listen address (default {DEFAULT_BIND})")
+    p.add_argument("--users", type=Path, metavar="FILE", help="the users file ('fleetctl broker user add' makes it)")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help=f"keep retained messages and sessions in DIR/{DB_FILE} (needs aiosqlite)")
+    p.add_argument("--allow-anonymous", action="store_true",
+                   help="accept clients without a username, with no ACL (development only)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log refused connections and denied topics")
+    p.set_defaults(fn=cmd_broker)
+    actions = p.add_subparsers(dest="broker_command", required=False, metavar="{user,mosquitto}")
+
+    user = actions.add_parser("user", help="add, remove or list broker users").add_subparsers(
+        dest="user_command", required=True)
+    q = user.add_parser("add", help="add a user (prints a generated password once unless --password-file)")
+    q.add_argument("name")
+    q.add_argument("--role", required=True, choices=ROLES)
+    q.add_argument("--users", type=Path, required=True, metavar="FILE")
+    q.add_argument("--password-file", type=Path, metavar="F", help="read the password from F (first line)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_user_add)
+    q = user.add_parser("rm", help="remove a user")
+    q.add_argument("name")
+    q.add_argument("--users", type=Path, required=True, metavar="FILE")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_user_rm)
+    q = user.add_parser("ls", help="list users and roles")
+    q.add_argument("--users", type=Path, required=True, metavar="FILE")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_user_ls)
+
+    q = actions.add_parser("mosquitto", help="write passwd, acl and mosquitto.conf for the same users and rules")
+    q.add_argument("--users", type=Path, required=True, metavar="FILE")
+    q.add_argument("--out", type=Path, required=True, metavar="DIR")
+    q.add_argument("--bind", default=DEFAULT_BIND, metavar="HOST:PORT")
+    q.add_argument("--run-as", metavar="USER", help="the account Mosquitto switches to when started as root")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_mosquitto)
+
+
+__all__ = ["FleetAuthPlugin", "FleetTopicPlugin", "FleetBroker", "broker_config", "run_broker", "add_cli",
+           "BrokerConfigError", "parse_bind", "persistence_available"]
