@@ -30,6 +30,10 @@ import sqlalchemy as sa
 
 SCHEMA_VERSION = 1
 
+# Rollout states in which a rollout still owns its model (``rollout.ACTIVE_STATES``): at most
+# one rollout per model may be in one of them (a partial unique index, below).
+ACTIVE_ROLLOUT_STATES = ("pending", "running", "paused")
+
 metadata = sa.MetaData()
 
 _ID = sa.String(64)
@@ -145,6 +149,12 @@ rollouts = sa.Table(
     sa.Column("created_by", sa.String(128), nullable=False),
     sa.Column("revision", sa.BigInteger, nullable=False, default=0),  # compare-and-set between replicas
 )
+# One active rollout per model, also when two replicas create one at the same moment.
+sa.Index(
+    "ux_rollouts_active_model", rollouts.c.model, unique=True,
+    sqlite_where=rollouts.c.state.in_(ACTIVE_ROLLOUT_STATES),
+    postgresql_where=rollouts.c.state.in_(ACTIVE_ROLLOUT_STATES),
+)
 
 rollout_devices = sa.Table(
     "rollout_devices", metadata,
@@ -159,6 +169,7 @@ rollout_devices = sa.Table(
     sa.Column("finished_at", sa.Float),
     sa.Column("reason", sa.String(64)),
     sa.Column("detail", sa.Text),
+    sa.Index("ix_rollout_devices_device", "device_id"),
 )
 
 telemetry = sa.Table(
@@ -182,6 +193,7 @@ telemetry_models = sa.Table(
     sa.Column("errors", sa.BigInteger, nullable=False),
     sa.Column("p95_ms", sa.Float),
     sa.Index("ix_telemetry_models_mv", "model", "version", "at"),
+    sa.Index("ix_telemetry_models_at", "at"),
 )
 
 rollups = sa.Table(
@@ -208,6 +220,7 @@ events = sa.Table(
     sa.Column("reason", sa.String(64)),
     sa.Column("payload", sa.JSON, nullable=False),
     sa.Index("ix_events_model", "model", "version"),
+    sa.Index("ix_events_received", "received_at"),
 )
 
 commands = sa.Table(
