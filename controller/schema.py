@@ -13,11 +13,13 @@ pydantic models' ``model_dump(mode="json")``). Names and ids follow ``topics.ID_
     upload_parts       those parts
     assignments        what a device should run, per model (version, route): the desired state's source
     desired            per device: the generation and the last signed document published
-    rollouts           one row per deploy: its plan, state machine position and a CAS ``revision``
+    rollouts           one row per deploy: its plan, state machine position and a CAS ``revision``;
+                       at most one per model pending/running/paused (a partial unique index)
     rollout_devices    one row per (rollout, device): wave, previous version, step state
     telemetry          raw samples, unique on (device_id, seq): a redelivery is not stored twice
     telemetry_models   per sample and model: deltas of calls/errors and the interval's p95 (gates, top)
-    rollups            per (model, version, hour): calls, errors, p95 weighted sums (kept after raw expires)
+    rollups            per (model, version, hour): calls, errors, p95 weighted sums (kept after raw expires;
+                       version "" when a sample names none)
     events             device events, unique on (device_id, seq)
     commands           commands the controller signed, unique on (device_id, seq), with their replies
     audit              who did what, when (every console write)

@@ -821,6 +821,9 @@ class Store:
             Conflict: another rollout of the same model is pending/running/paused.
         """
         ro, rd = schema.rollouts, schema.rollout_devices
+        devices = [dev for dev, _, _ in steps]
+        if len(set(devices)) != len(devices):
+            raise ValueError(f"rollout of {model} {version}: a device appears in more than one step")
 
         def fn(conn: sa.Connection) -> RolloutRecord:
             other = conn.execute(sa.select(ro.c.id, ro.c.state).where(
@@ -840,6 +843,8 @@ class Store:
         try:
             return self._write(fn)
         except sa.exc.IntegrityError as exc:
+            if not _active_index(exc):
+                raise
             # ux_rollouts_active_model: another replica created one between our check and insert.
             raise Conflict(f"another rollout of {model} became active at the same moment: "
                            "see fleetctl rollout list, then abort it or wait") from exc
@@ -909,6 +914,8 @@ class Store:
         try:
             return self._write(fn)
         except sa.exc.IntegrityError as exc:
+            if not _active_index(exc):
+                raise
             raise Conflict(f"rollout {rollout_id}: the change would make a second rollout of its model "
                            "active; finish or abort the other one first") from exc
 
@@ -1236,6 +1243,13 @@ class _Mismatch(Exception):
 def _active_conflict(model: str, rid: int, state: str) -> Conflict:
     return Conflict(f"rollout {rid} of {model} is {state}: wait for it to finish, or pause/abort it "
                     "(fleetctl rollout abort) before deploying another version")
+
+
+def _active_index(exc: sa.exc.IntegrityError) -> bool:
+    """Whether ``exc`` is ux_rollouts_active_model refusing a second active rollout of a model
+    (PostgreSQL names the index; SQLite names the column)."""
+    text = str(exc.orig)
+    return "ux_rollouts_active_model" in text or "rollouts.model" in text
 
 
 def _inserted(conn: sa.Connection, stmt: Any) -> int:

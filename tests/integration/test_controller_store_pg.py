@@ -86,6 +86,16 @@ def replicas(url: str) -> Iterator[list[Store]]:
         s.close()
 
 
+def test_replicas_opening_a_fresh_database_together_create_the_schema_once(pg_url: str) -> None:  # noqa: F811
+    stores = _together(3, lambda i: Store.open(pg_url))
+    try:
+        stores[0].register_device("d1", now=T0)
+        assert [d.id for d in stores[2].list_devices()] == ["d1"]
+    finally:
+        for s in stores:
+            s.close()
+
+
 def test_unreachable_server_is_unavailable_naming_the_url_without_password() -> None:
     port = free_port()
     with pytest.raises(StoreUnavailable) as info:

@@ -423,6 +423,9 @@ def test_rollouts_cas_and_one_active_per_model(store: Store) -> None:
     assert (r.state, r.revision, r.wave) == ("pending", 0, 0)
     assert [(s.device_id, s.wave, s.previous_version, s.state) for s in r.steps] == [
         ("d1", 0, None, "pending"), ("d2", 1, "1.0", "pending")]
+    with pytest.raises(ValueError, match="more than one step"):
+        store.create_rollout(model="x", version="1", target="all", plan={}, steps=[("d1", 0, None), ("d1", 1, None)],
+                             created_by="a", now=T0)
     with pytest.raises(Conflict, match=f"rollout {r.id} of det is pending"):
         store.create_rollout(model="det", version="3.0", target="all", plan={}, steps=[], created_by="b", now=T0)
     other = store.create_rollout(model="cls", version="1.0", target="all", plan={}, steps=[], created_by="b",
