@@ -666,6 +666,21 @@ class Store:
         b = schema.blob_parts
         return conn.execute(sa.select(b.c.idx).where(b.c.sha256 == sha256, b.c.idx == 0)).first() is not None
 
+    def get_upload(self, upload_id: str) -> dict[str, Any]:
+        """{id, model, version, size, sha256, created_at, created_by} of an upload in progress.
+
+        Raises:
+            NotFound: no such upload (never begun, or already finished).
+        """
+        u = schema.uploads
+
+        def fn(conn: sa.Connection) -> dict[str, Any]:
+            row = conn.execute(sa.select(u).where(u.c.id == upload_id)).mappings().first()
+            if row is None:
+                raise NotFound(f"no upload {upload_id!r}: begin it with models.upload_begin")
+            return dict(row)
+        return self._read(fn)
+
     def has_blob(self, sha256: str) -> bool:
         return self._read(lambda conn: self._has_blob(conn, sha256))
 

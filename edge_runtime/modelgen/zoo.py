@@ -126,6 +126,23 @@ def _tiny_mlp(seed: int, version_bias: float, *, quantized: bool) -> BuiltModel:
     return BuiltModel.from_builder(b)
 
 
+def broken_mlp(seed: int = 0) -> BuiltModel:
+    """``tiny_mlp``'s shape, but a bad export: the last layer's weights sit at the edge of
+    float32, so its sums overflow to infinity and every output is NaN. It loads and runs;
+    only a health check that looks at the outputs (every output finite) refuses it."""
+    rng = np.random.default_rng(seed)
+    w1 = _he(rng, (_TINY_HIDDEN, _TINY_IN), _TINY_IN)
+    b1 = np.ones(_TINY_HIDDEN, np.float32)  # zeros in -> every hidden unit is 1
+    w2 = np.full((_TINY_OUT, _TINY_HIDDEN), 3.0e38, np.float32)  # 32 of them sum past float32's max
+    b2 = np.zeros(_TINY_OUT, np.float32)
+    b = ModelBuilder(description=f"edgefleet broken_mlp seed={seed}")
+    x = b.input("x", shape=(1, _TINY_IN))
+    h = b.relu(b.fully_connected(x, weights=w1, bias=b1))
+    y = b.softmax(b.fully_connected(h, weights=w2, bias=b2))
+    b.output(y, name="y")
+    return BuiltModel.from_builder(b)
+
+
 def multi_io(seed: int = 0) -> BuiltModel:
     """Two inputs, two outputs: "a", "b" (1, 8) -> "sum" = a + b (1, 8), "probs" (1, 4)."""
     rng = np.random.default_rng(seed)
