@@ -27,7 +27,10 @@ amqtt 0.12.1 specifics, worked around here:
   EMQX when one broker is not enough).
 * Retained messages and persistent sessions survive a restart through
   ``amqtt.contrib.persistence.SessionDBPlugin`` in ``<data>/broker.sqlite``, which needs
-  the ``aiosqlite`` driver; without it the broker runs in memory and says so.
+  the ``aiosqlite`` driver; without it the broker runs in memory and says so. amqtt sends
+  a QoS 1 PUBACK before it routes the message and stores retained messages from a
+  background task: a clean stop waits for the store, a ``kill -9`` right after a PUBACK
+  can lose it. The controller re-publishes desired state on (re)connect for this reason.
 
 CLI (``fleetctl broker`` runs the broker; the others are subcommands):
 

@@ -392,7 +392,11 @@ def test_embedded_broker_keeps_retained_desired_state_across_a_restart(tmp_path:
     try:
         broker.start()
         ctl = Recorder(broker, "ctl", "ctl-1")
+        assert ctl.subscribe(topics.desired("dev-1"))
         ctl.publish(topics.desired("dev-1"), b"generation-7", retain=True)
+        # amqtt sends the PUBACK before it routes the message; its echo proves it was
+        # routed, and so retained (the store in SQLite finishes before a clean stop).
+        ctl.wait_for(topics.desired("dev-1"), b"generation-7")
         ctl.close()
         broker.stop()  # SIGTERM: a clean stop
         assert broker.proc is not None and broker.proc.returncode == 0, broker.log_tail()
