@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from controller.apiclient import ApiClient
-from tests.fleetkit import ControllerProcess, DeviceFleet, make_keys, push_model
+from tests.fleetkit import ControllerProcess, DeviceFleet, ctl_state, make_keys, push_model
 from tests.helpers import wait_until
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
@@ -134,6 +134,9 @@ def test_the_controller_killed_mid_rollout_finishes_it_after_a_restart(rig, mode
     wait_until(lambda: api.call("rollouts.show", id=row["id"])["counts"].get("done", 0) >= 1,
                timeout=60, what="the canary done")
     ctl.kill()
+    # the broker published the controller's Last Will: STATE says nobody is steering
+    wait_until(lambda: (lambda st: st is not None and not st.online)(ctl_state(ctl.broker_url)), timeout=30,
+               what="the controller's Will (offline STATE)")
     ctl.start()
     ctl.wait_online()
     final = wait_final(api, row["id"])
@@ -160,3 +163,33 @@ def test_a_device_offline_at_rollout_time_converges_when_it_returns(rig, model_f
     wait_until(lambda: {s["device_id"]: s["state"] for s in api.call("rollouts.show", id=row["id"])["steps"]}
                .get("dev-c") == "done", timeout=60, what="dev-c done after it came back")
     assert served_version(fleet, "dev-c") == "2"
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {k: float(v) for k, _, v in (line.rpartition(" ") for line in text.splitlines()
+                                         if line and not line.startswith("#"))}
+
+
+def test_commands_telemetry_and_metrics_through_the_controller(rig, model_files):
+    ctl, fleet, api = rig
+    reply = api.call("cmd", device="dev-a", name="ping", wait_s=15)
+    assert reply["state"] == "ok" and reply["reply"]["ok"] is True, reply
+    second = api.call("cmd", device="dev-a", name="ping", wait_s=15)
+    assert second["seq"] > reply["seq"]  # a fresh seq per command: the device's floor refuses a replay
+    wait_until(lambda: len({t["device_id"] for t in api.call("telemetry.recent", limit=50)}) == 3, timeout=30,
+               what="telemetry from every device")
+    top = {row["id"]: row for row in api.call("top")}
+    assert set(top) == set(DEVICES) and all(r["online"] and r["cpu_percent"] is not None for r in top.values())
+
+    push_model(api, model_files["tiny_v1"], NAME, "1")
+    assert deploy_all(api, "1")["state"] == "succeeded"
+    m = scrape(ctl.metrics_port)
+    assert m['edgefleet_devices{state="online"}'] == 3
+    assert m['edgefleet_rollouts{state="succeeded"}'] == 1
+    assert m['edgefleet_ingest_messages_total{kind="telemetry",result="stored"}'] >= 3
+    assert m['edgefleet_ingest_messages_total{kind="event",result="stored"}'] >= 3
+    assert m["edgefleet_commands_sent_total"] == 2
+    audit = [a["action"] for a in api.call("audit.list", limit=20)]
+    assert {"cmd.ping", "models.push", "deploy"} <= set(audit), audit
