@@ -23,7 +23,7 @@ $(LEGACY_STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/edge-runtime demo
+	$(VENV)/bin/fleetctl demo
 
 test: test-main test-legacy
 
