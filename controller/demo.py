@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
+from edge_runtime.agent.config import to_toml
+
 __all__ = ["DemoFailed", "add_cli", "run_demo"]
 
 T = TypeVar("T")
@@ -118,16 +120,6 @@ def _write_secret(path: Path, text: str) -> Path:
 # -- the agent's config (the same keys tests/agentkit.py writes) -------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (str, os.PathLike)):
-        return json.dumps(str(value))  # a JSON string is a TOML basic string
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def write_agent_config(path: Path, *, device_id: str, data_dir: Path, broker_url: str, username: str,
                        password_file: Path, trust_root: Path, rest_port: int, socket_path: Path,
                        telemetry_interval_s: float = 1.0) -> Path:
@@ -143,37 +135,9 @@ def write_agent_config(path: Path, *, device_id: str, data_dir: Path, broker_url
         "api": {"rest_port": rest_port, "socket_path": socket_path.absolute()},
         "limits": {"chunk_timeout_s": 2.0},
     }
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
-    for table, values in data.items():
-        if isinstance(values, Mapping):
-            lines += ["", f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(to_toml(data), encoding="utf-8")
     return path
-
-
-# -- the broken version ------------------------------------------------------------------
-
-
-def broken_tiny_mlp() -> Any:
-    """A v3 of ``zoo.tiny_mlp`` that loads fine, has the same signature ("x" (1, 16) ->
-    "y" (1, 4)), and answers NaN: its last layer's weights overflow float32 to infinity and
-    the softmax of infinities is NaN. (``tiny_mlp(version_bias=nan)`` cannot be written: the
-    TFLite writer refuses non-finite weights.) The device's default health gate -- zeros in,
-    every output finite -- refuses it."""
-    import numpy as np
-
-    from edge_runtime.modelgen.writer import ModelBuilder
-    from edge_runtime.modelgen.zoo import BuiltModel
-
-    rng = np.random.default_rng(3)
-    b = ModelBuilder(description="edgefleet demo: tiny_mlp v3, a bad export (overflowing weights)")
-    x = b.input("x", shape=(1, 16))
-    h = b.relu(b.fully_connected(x, weights=rng.standard_normal((32, 16)).astype(np.float32),
-                                 bias=np.ones(32, np.float32)))
-    y = b.softmax(b.fully_connected(h, weights=np.full((4, 32), 1e38, np.float32), bias=np.zeros(4, np.float32)))
-    b.output(y, name="y")
-    return BuiltModel.from_builder(b)
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -456,7 +420,7 @@ class Demo:
         from edge_runtime.protocol.messages import HealthSpec
 
         models_dir = self.root / "models"
-        v1, v2, v3 = zoo.tiny_mlp(seed=0), zoo.tiny_mlp(seed=0, version_bias=0.5), broken_tiny_mlp()
+        v1, v2, v3 = zoo.tiny_mlp(seed=0), zoo.tiny_mlp(seed=0, version_bias=0.5), zoo.broken_mlp()
         paths = {"1": v1.save(models_dir / "tiny_v1.tflite"), "2": v2.save(models_dir / "tiny_v2.tflite"),
                  "3": v3.save(models_dir / "tiny_v3_broken.tflite")}
 

@@ -24,7 +24,6 @@ it is signed, so a bad test body fails loudly here instead of as a device reject
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import select
 import shutil
@@ -41,6 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Optional, TypeVar, Union
 
+from edge_runtime.agent.config import to_toml
 from edge_runtime.mqtt import Message, MqttClient, MqttConfig, MqttError
 from edge_runtime.protocol import messages, topics
 from tests import trustkit
@@ -215,29 +215,8 @@ def write_config(
             data[key] = value
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(_toml(data), encoding="utf-8")
+    p.write_text(to_toml(data), encoding="utf-8")
     return p
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (str, os.PathLike)):
-        return json.dumps(str(value))  # a JSON string is a TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def _toml(data: Mapping[str, Any]) -> str:
-    """Top-level keys, then one ``[table]`` per dict value (no deeper nesting needed)."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
-    for table, values in data.items():
-        if isinstance(values, Mapping):
-            lines += ["", f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
 
 
 # -- systemd notify -------------------------------------------------------------------------

@@ -327,6 +327,31 @@ class AgentConfig(_Section):
 # -- loading ------------------------------------------------------------------------------
 
 
+def to_toml(data: Mapping[str, Any]) -> str:
+    """A config as TOML text (what ``load_config`` reads): top-level keys, then one
+    ``[section]`` per mapping value. For tools that write configs (the demo, tests); a
+    value TOML cannot hold here raises TypeError."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    for table, values in data.items():
+        if isinstance(values, Mapping):
+            lines += ["", f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, os.PathLike)):
+        return json.dumps(str(value))  # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
 def env_name(dotted: str) -> str:
     """The canonical environment variable for a dotted field: ``api.rest_port`` →
     ``EDGE_RUNTIME_API__REST_PORT``."""
