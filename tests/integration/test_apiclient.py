@@ -35,6 +35,12 @@ from tests.helpers import free_port, wait_until
 Script = Callable[[messages.ApiRequest], Optional[list[messages.ApiResponse]]]
 
 
+@pytest.fixture(autouse=True)
+def _wide_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rendered tables are as wide as a pipe gets, whatever $COLUMNS the runner has."""
+    monkeypatch.setenv("COLUMNS", "250")
+
+
 def ok(req: messages.ApiRequest, result: Any) -> messages.ApiResponse:
     return messages.ApiResponse(request_id=req.request_id, ok=True, result=result)
 

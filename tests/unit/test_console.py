@@ -20,6 +20,12 @@ from edge_runtime.protocol import messages
 # -- argument types ---------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _wide_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rendered tables are as wide as a pipe gets, whatever $COLUMNS the runner has."""
+    monkeypatch.setenv("COLUMNS", "250")
+
+
 @pytest.mark.parametrize("text,seconds", [
     ("90", 90.0), ("0", 0.0), ("1.5", 1.5), ("60s", 60.0), ("5m", 300.0), ("1h", 3600.0), ("1.5h", 5400.0),
     ("1h30m", 5400.0), ("250ms", 0.25), ("2d", 172800.0), (" 10S ", 10.0),
