@@ -93,8 +93,8 @@ def _load_users(users_file: Optional[str]) -> UserDB:
     return UserDB.load(users_file) if users_file else UserDB(Path("/nonexistent-edgefleet-users"))
 
 
-class FleetAuthPlugin(BaseAuthPlugin):  # type: ignore[misc,valid-type]
-    """CONNECT: users from the users file, plain client ids, device client id = username."""
+class _UsersPlugin:
+    """What both plugins share: their config and the users file (read once per plugin at start)."""
 
     @dataclass
     class Config:
@@ -102,8 +102,12 @@ class FleetAuthPlugin(BaseAuthPlugin):  # type: ignore[misc,valid-type]
         allow_anonymous: bool = False
 
     def __init__(self, context: Any) -> None:
-        super().__init__(context)
-        self.users = _load_users(self.config.users_file)
+        super().__init__(context)  # type: ignore[call-arg]
+        self.users = _load_users(self.config.users_file)  # type: ignore[attr-defined]
+
+
+class FleetAuthPlugin(_UsersPlugin, BaseAuthPlugin):  # type: ignore[misc,valid-type]
+    """CONNECT: users from the users file, plain client ids, device client id = username."""
 
     async def authenticate(self, *, session: Session) -> bool:  # type: ignore[override]
         client_id, username = session.client_id, session.username
@@ -125,17 +129,8 @@ class FleetAuthPlugin(BaseAuthPlugin):  # type: ignore[misc,valid-type]
         return True
 
 
-class FleetTopicPlugin(BaseTopicPlugin):  # type: ignore[misc,valid-type]
+class FleetTopicPlugin(_UsersPlugin, BaseTopicPlugin):  # type: ignore[misc,valid-type]
     """PUBLISH, SUBSCRIBE and delivery (RECEIVE) checks: ``credentials.acl_allows``."""
-
-    @dataclass
-    class Config:
-        users_file: Optional[str] = None
-        allow_anonymous: bool = False
-
-    def __init__(self, context: Any) -> None:
-        super().__init__(context)
-        self.users = _load_users(self.config.users_file)
 
     async def topic_filtering(self, *, session: Optional[Session] = None, topic: Optional[str] = None,
                               action: Optional[Action] = None) -> bool:  # type: ignore[override]
@@ -152,6 +147,19 @@ class FleetTopicPlugin(BaseTopicPlugin):  # type: ignore[misc,valid-type]
         return allowed
 
 
+class _SnapshotDict(dict):  # type: ignore[type-arg]
+    """amqtt 0.12.1 loops over its subscription table across ``await``s (on every CONNECT,
+    and when a session's subscriptions are removed) while other clients subscribe: a connect
+    then dies of "dictionary changed size during iteration". Iterating a snapshot instead
+    keeps every lookup and update on the one live table."""
+
+    def __iter__(self) -> Any:
+        return iter(list(super().keys()))
+
+    def items(self) -> Any:  # type: ignore[override]
+        return list(super().items())
+
+
 class FleetBroker(Broker):  # type: ignore[misc,valid-type]
     """amqtt's Broker, sending retained messages only where they belong.
 
@@ -160,8 +168,13 @@ class FleetBroker(Broker):  # type: ignore[misc,valid-type]
     sends the connecting client every retained message matching any of them: a device
     would get every device's retained desired state once the controller subscribed to
     ``fleet/v1/#``. Here a client gets a retained message only for a filter it holds
-    itself and only if the topic plugins let it receive that topic.
+    itself and only if the topic plugins let it receive that topic. Its subscription table
+    iterates snapshots (``_SnapshotDict``).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions = _SnapshotDict(self._subscriptions)
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
                                                           session: Session) -> None:

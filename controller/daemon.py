@@ -38,7 +38,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -47,6 +47,7 @@ from controller.artifact_service import ArtifactService
 from controller.artifacts import ArtifactServer
 from controller.blobs import BlobCache
 from controller.commands import CommandSender
+from controller.console import duration
 from controller.desired import DesiredPublisher
 from controller.ingest import Ingest, Ingested
 from controller.keys import KeyDir
@@ -168,8 +169,6 @@ class Controller:
     # -- MQTT -----------------------------------------------------------------------------
 
     def _ctl_state(self, online: bool) -> bytes:
-        from datetime import datetime, timezone
-
         return messages.encode(ControllerState(online=online, at=datetime.now(timezone.utc), instance=self.instance))
 
     def _publish(self, topic: str, payload: bytes) -> None:
@@ -266,14 +265,6 @@ def _read_secret(path: Optional[str], what: str) -> Optional[str]:
         raise EdgeRuntimeError(f"cannot read the {what} file {path}: {exc}") from exc
 
 
-def _duration(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        return float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a duration like 30s, 5m, 2h, 7d; got {text!r}") from None
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -335,10 +326,10 @@ def add_cli(sub: Any, models: Any) -> None:
     p.add_argument("--password-file", default=os.environ.get("FLEETCTL_PASSWORD_FILE"), metavar="FILE")
     p.add_argument("--passphrase-file", default=None, metavar="FILE", help="opens encrypted signing keys")
     p.add_argument("--passphrase-env", default=None, metavar="VAR")
-    p.add_argument("--tick", type=_duration, default=1.0, metavar="S", help="rollout tick (default 1s)")
-    p.add_argument("--desired-validity", type=_duration, default=7 * 86400.0, metavar="D",
+    p.add_argument("--tick", type=duration, default=1.0, metavar="S", help="rollout tick (default 1s)")
+    p.add_argument("--desired-validity", type=duration, default=7 * 86400.0, metavar="D",
                    help="how long a signed desired state is valid (default 7d; re-signed at half)")
-    p.add_argument("--retention", type=_duration, default=7 * 86400.0, metavar="D",
+    p.add_argument("--retention", type=duration, default=7 * 86400.0, metavar="D",
                    help="raw telemetry and events kept this long (default 7d; hourly rollups stay)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(fn=_serve_entry)

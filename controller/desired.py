@@ -106,23 +106,13 @@ class DesiredPublisher:
     def refresh_expiring(self) -> int:
         """Re-sign and publish documents past half their validity; returns how many."""
         now = self.clock()
-        half = self.valid_for.total_seconds() / 2
-        due = [r.device_id for r in self.store.list_desired()
-               if r.signed_generation != r.generation or r.expires_at is None or r.expires_at - now < half]
-        return self.publish_many(due)
+        return self.publish_many(r.device_id for r in self.store.list_desired() if not self._fresh(r, now))
 
     # -- inside ---------------------------------------------------------------------------
 
     def _current(self, record: DesiredRecord, *, resign: bool) -> bytes:
         now = self.clock()
-        fresh = (
-            not resign
-            and record.envelope is not None
-            and record.signed_generation == record.generation
-            and record.expires_at is not None
-            and record.expires_at - now >= self.valid_for.total_seconds() / 2
-        )
-        if fresh:
+        if not resign and self._fresh(record, now):
             return record.envelope.encode()  # type: ignore[union-attr]
         issued = datetime.fromtimestamp(int(now), timezone.utc)
         body = build_desired(self.store, record.device_id, record.generation, issued_at=issued, valid_for=self.valid_for)
@@ -132,6 +122,12 @@ class DesiredPublisher:
         self.store.record_signed(record.device_id, record.generation, payload.decode(), signed_at=now,
                                  expires_at=body.expires.timestamp())
         return payload
+
+    def _fresh(self, record: DesiredRecord, now: float) -> bool:
+        """The stored document is for the current generation and within the first half of its validity."""
+        return (record.envelope is not None and record.signed_generation == record.generation
+                and record.expires_at is not None
+                and record.expires_at - now >= self.valid_for.total_seconds() / 2)
 
     def _deploy_keys(self) -> list:
         with self._lock:

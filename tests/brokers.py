@@ -1,6 +1,6 @@
 """Real MQTT brokers for tests, as subprocesses on free loopback ports.
 
-    AmqttBroker      amqtt (the embedded default), run as ``python -m amqtt.scripts.broker_script -c CONF``
+    AmqttBroker      amqtt (the embedded default), run as ``fleetctl broker --allow-anonymous``
     MosquittoBroker  ``mosquitto -c CONF`` (Debian's package; skipped when the binary is missing)
 
 Both have ``start()`` (returns once the port answers a real MQTT CONNECT with a CONNACK),
@@ -17,7 +17,6 @@ both, and ``amqtt_broker``, ``mosquitto_broker``) are exported with, in a confte
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import shutil
@@ -102,7 +101,7 @@ class _Broker:
         raise NotImplementedError
 
     def write_config(self) -> None:
-        raise NotImplementedError
+        """Write the broker's config file, if it has one."""
 
     def start(self, timeout: float = 15.0) -> "_Broker":
         """Launch and wait until the broker answers a real CONNECT with a CONNACK (any
@@ -209,33 +208,15 @@ class _Broker:
 
 
 class AmqttBroker(_Broker):
-    """amqtt 0.12 (MQTT 3.1.1 only), anonymous, no $SYS, no packet logging.
-
-    ``extra`` is merged into the broker config dict (e.g. ``plugins`` for auth/ACL cases).
-    """
+    """The embedded broker as users run it (``fleetctl broker``: amqtt 0.12, MQTT 3.1.1
+    only, with our fixes), anonymous, no ACLs, nothing persisted."""
 
     name = "amqtt"
-    stop_signal = signal.SIGINT  # its CLI shuts down cleanly on KeyboardInterrupt only
-
-    def __init__(self, *, extra: Optional[dict[str, Any]] = None, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.extra = extra or {}
-        self.config_path = self.workdir / "amqtt.yaml"
-
-    def config(self) -> dict[str, Any]:
-        cfg: dict[str, Any] = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-        }
-        cfg.update(self.extra)
-        return cfg
-
-    def write_config(self) -> None:
-        # YAML is a superset of JSON: no yaml writer needed.
-        self.config_path.write_text(json.dumps(self.config(), indent=2))
+    stop_signal = signal.SIGINT
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(self.config_path)]
+        return [sys.executable, "-m", "controller.cli", "broker", "--bind", f"{self.host}:{self.port}",
+                "--allow-anonymous"]
 
 
 class MosquittoBroker(_Broker):
