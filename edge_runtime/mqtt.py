@@ -19,10 +19,16 @@ Threads. paho runs its own network thread (``loop_start``). Every user callback 
 the *dispatcher*, one at a time and in arrival order. So a hook or a handler may call the
 blocking ``subscribe``/``publish`` (re-subscribe and re-publish birth after a reconnect).
 Calling them from paho's network thread would wait for an acknowledgement that thread
-has to read; that raises ``RuntimeError`` rather than hanging. A consequence: paho
-acknowledges an incoming QoS 1 message once it is queued for the dispatcher, not after
-the handler ran -- a process killed in between loses it, so anything that must not be
-lost is retained (desired state) or re-sent by its publisher (commands, chunk requests).
+has to read; that raises ``RuntimeError`` rather than hanging.
+
+Acknowledgements. By default paho acknowledges an incoming QoS 1 message once it is
+queued for the dispatcher, not after the handler ran: a process killed in between loses
+it, so anything that must not be lost is retained (desired state) or re-sent by its
+publisher (commands, chunk requests). With ``MqttConfig(manual_ack=True)`` the PUBACK
+waits: for a handler registered with ``add_handler(f, h, acks=True)`` until it calls
+``client.ack(msg)`` (the controller does after its database commit), for every other
+message until its handlers returned. With a persistent session (``clean_start=False``)
+the broker re-sends what was never acknowledged after a crash.
 
 Reconnects. After the first successful connection (``connect``) or from the start
 (``start``), a lost session is re-established forever with exponential backoff and full
@@ -60,7 +66,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union
 from urllib.parse import unquote, urlsplit
 
@@ -195,6 +201,7 @@ class MqttConfig:
     operation_timeout: float = 10.0  # the default for publish/subscribe waits
     reconnect_min_delay: float = 0.5
     reconnect_max_delay: float = 30.0
+    manual_ack: bool = False  # PUBACK incoming QoS>=1 messages only when handled (see the module docstring)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -246,12 +253,14 @@ class MqttConfig:
 
 @dataclass(frozen=True)
 class Message:
-    """One received application message."""
+    """One received application message; ``mid`` is its packet id (what ``ack`` answers)."""
 
     topic: str
     payload: bytes
     qos: int
     retain: bool
+    mid: int = 0
+    session: int = field(default=0, repr=False, compare=False)  # which CONNACK's session delivered it
 
 
 Handler = Callable[[Message], None]
@@ -285,7 +294,7 @@ class MqttClient:
         self.client_id = config.client_id or f"edgefleet-{uuid.uuid4().hex[:12]}"
         self._on_connect_hooks: list[ConnectHook] = [on_connect] if on_connect else []
         self._on_disconnect_hooks: list[DisconnectHook] = [on_disconnect] if on_disconnect else []
-        self._handlers: tuple[tuple[str, Handler], ...] = ()
+        self._handlers: tuple[tuple[str, Handler, bool], ...] = ()  # (filter, handler, acks itself)
         self._lock = threading.Lock()
         self._pending_subs: dict[int, Future[list[ReasonCode]]] = {}
         self._refused_pubs: dict[int, str] = {}
@@ -312,6 +321,7 @@ class MqttClient:
             client_id=self.client_id,
             clean_session=None if v5 else cfg.clean_start,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            manual_ack=cfg.manual_ack,
         )
         paho_log = logging.getLogger(__name__ + ".paho")
         # paho logs expected states (no socket while backing off) as errors: keep them at
@@ -354,16 +364,18 @@ class MqttClient:
         with self._lock:
             self._on_disconnect_hooks = [*self._on_disconnect_hooks, hook]
 
-    def add_handler(self, topic_filter: str, handler: Handler) -> Callable[[], None]:
+    def add_handler(self, topic_filter: str, handler: Handler, *, acks: bool = False) -> Callable[[], None]:
         """Deliver every received message matching ``topic_filter`` to ``handler`` (on the
         dispatcher thread). Registering does not subscribe. Returns a function that removes
-        the handler. A message matching several handlers goes to each.
+        the handler. A message matching several handlers goes to each. ``acks``: with
+        ``manual_ack`` the handler acknowledges each message itself (``ack``), possibly
+        later and from another thread; otherwise the dispatcher does once handlers return.
 
         Raises:
             ValueError: an invalid filter.
         """
         check_filter(topic_filter)
-        entry = (topic_filter, handler)
+        entry = (topic_filter, handler, acks)
         with self._lock:
             self._handlers = (*self._handlers, entry)
 
@@ -512,9 +524,11 @@ class MqttClient:
             raise NotConnected(f"not connected to {self._where()}" + (f" ({self.last_error})" if self.last_error else ""))
 
     def publish(self, topic: str, payload: Payload = b"", *, qos: int = 0, retain: bool = False,
-                timeout: Optional[float] = None) -> None:
+                timeout: Optional[float] = None, wait: bool = True) -> None:
         """Publish and wait: for QoS 1/2 until the broker acknowledged it, for QoS 0 until
-        it was written to the socket.
+        it was written to the socket. ``wait=False`` returns once paho queued it (a QoS>=1
+        message is re-sent by paho until acknowledged, across reconnects): for answers
+        whose asker retries anyway, so one slow PUBACK does not hold up the next answer.
 
         Raises:
             NotConnected: no session now (nothing was queued).
@@ -539,6 +553,9 @@ class MqttClient:
                 raise NotConnected(f"not connected to {self._where()}")
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
                 raise MqttError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+            if not wait:
+                published = True  # nothing waits for the PUBACK: not abandoned either
+                return
             try:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError) as exc:  # paho's "failed/not queued"
@@ -601,6 +618,16 @@ class MqttClient:
                 raise SubscribeRefused(f"broker refused the subscription to {f!r}: {code}", filter=f, reason=str(code))
             granted.append(int(code.value))
         return granted
+
+    def ack(self, msg: Message) -> None:
+        """Acknowledge ``msg`` (PUBACK) with a ``manual_ack`` client; a no-op otherwise, for
+        QoS 0, and once the session that delivered it has ended (the broker re-sends it
+        to a persistent session). Any thread."""
+        if not self.config.manual_ack or msg.qos == 0 or not self._connected.is_set():
+            return
+        if msg.session != self.connects:
+            return  # its session ended: that packet id may name another message now
+        self._paho.ack(msg.mid, msg.qos)
 
     def unsubscribe(self, filters: list[str]) -> None:
         """Ask the broker to drop ``filters`` (not waited for).
@@ -679,7 +706,8 @@ class MqttClient:
         except UnicodeDecodeError:
             log.warning("dropped a message whose topic is not UTF-8")
             return
-        self._dispatch_q.put(Message(topic=topic, payload=bytes(msg.payload), qos=msg.qos, retain=bool(msg.retain)))
+        self._dispatch_q.put(Message(topic=topic, payload=bytes(msg.payload), qos=msg.qos, retain=bool(msg.retain),
+                                     mid=msg.mid, session=self.connects))
 
     def _fail_pending_subs(self, exc: MqttError) -> None:
         with self._lock:
@@ -698,12 +726,16 @@ class MqttClient:
                 return
             try:
                 if isinstance(item, Message):
-                    for f, handler in self._handlers:
+                    deferred = False
+                    for f, handler, acks in self._handlers:
                         if matches(f, item.topic):
+                            deferred = deferred or acks
                             try:
                                 handler(item)
                             except Exception:
                                 log.exception("MQTT handler for %r failed on %r", f, item.topic)
+                    if not deferred:
+                        self.ack(item)
                 else:
                     hook, arg = item
                     hook(arg)
