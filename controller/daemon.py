@@ -5,8 +5,11 @@
 
 What runs where:
 
-    MQTT dispatcher thread   device reports -> ``Ingest`` (idempotent store writes);
-                             chunk requests -> ``ArtifactService``
+    MQTT dispatcher thread   device reports -> the ingest queue; chunk requests ->
+                             ``ArtifactService``
+    ingest thread            ``IngestWriter``: the queued reports, a batch per transaction
+                             (idempotent store writes); each acknowledged to the broker
+                             (PUBACK) only after its commit
     api pool (4 threads)     console requests -> ``ApiServer`` -> reply (``cmd`` waits for a
                              device's reply, which comes through the dispatcher)
     ticker thread            rollouts (``RolloutDriver.tick``) every ``--tick`` seconds and at
@@ -14,6 +17,13 @@ What runs where:
                              re-signed before they expire; raw telemetry expired
     connect hook             subscribe, retained ``ctl/state`` online, every desired state
                              re-published (brokers forget retained messages)
+
+Acknowledged means stored. Device reports are PUBACKed after the commit that stored them
+(``MqttConfig.manual_ack``). With a stable ``--instance`` and no ``--shared`` the session
+is persistent (client id ``ctl-INSTANCE``, clean session off): what arrives while the
+controller is down or was delivered but not yet committed when it died is sent again by
+the broker when it returns. Shared subscriptions stay clean sessions: a broker would
+otherwise keep handing a dead replica its share of the messages.
 
 ``ctl/state`` is retained with a Last Will of ``online: false`` (Sparkplug primary host
 STATE); a clean stop publishes it too. With ``--shared`` the device topics, chunk requests
@@ -49,7 +59,7 @@ from controller.blobs import BlobCache
 from controller.commands import CommandSender
 from controller.console import duration
 from controller.desired import DesiredPublisher
-from controller.ingest import Ingest, Ingested
+from controller.ingest import Ingest, Ingested, IngestWriter
 from controller.keys import KeyDir
 from controller.rollouts import RolloutDriver
 from controller.store import Store
@@ -82,6 +92,7 @@ class ServeConfig:
     desired_valid_for: timedelta = timedelta(days=7)
     retention_s: float = 7 * 86400
     api_threads: int = 4
+    persistent_session: bool = False  # see the module docstring: needs a stable instance, no share group
 
 
 class Controller:
@@ -100,9 +111,11 @@ class Controller:
         self.client = MqttClient(MqttConfig(
             url=cfg.broker, client_id=f"ctl-{cfg.instance}", username=cfg.username, password=cfg.password,
             will=Will(topic=topics.CTL_STATE, payload=self._ctl_state(False), qos=1, retain=True),
-            keepalive=15, reconnect_max_delay=10.0,
+            keepalive=15, reconnect_max_delay=10.0, manual_ack=True,
+            clean_start=not (cfg.persistent_session and cfg.share_group is None),
         ))
         self.ingest = Ingest(self.store, clock=clock)
+        self.writer: IngestWriter[Message] = IngestWriter(self.ingest, self._after_ingest)
         self.desired = DesiredPublisher(self.store, self.keydir, self._publish_retained, clock=clock,
                                         valid_for=cfg.desired_valid_for, passphrase=cfg.passphrase)
         self.commands = CommandSender(self.store, self.keydir, self._publish, clock=clock, passphrase=cfg.passphrase)
@@ -131,7 +144,7 @@ class Controller:
             if topic_filter.endswith(topics.API_REQUEST):
                 self.client.add_handler(topic_filter, self._on_api)
             elif "artifacts" not in topic_filter:
-                self.client.add_handler(topic_filter, self._on_report)
+                self.client.add_handler(topic_filter, self._on_report, acks=True)
         self._subs = [(f, q) for f, q in subs if "artifacts" not in f]  # the artifact service subscribes its own
         self.client.add_connect_hook(self._on_connect)
         self.artifacts.start()
@@ -141,6 +154,7 @@ class Controller:
             self._stop_metrics = serve_metrics(self, self.cfg.metrics_port, addr=self.cfg.metrics_addr)
         self._ticker = threading.Thread(target=self._tick_loop, name="ctl-ticker", daemon=True)
         self._ticker.start()
+        self.writer.start()
         self.client.start()
 
     def connected(self) -> bool:
@@ -158,6 +172,7 @@ class Controller:
             except Exception as exc:  # noqa: BLE001 - the Will covers us
                 log.warning("offline STATE not published: %s", exc)
         self.artifacts.stop()
+        self.writer.stop()  # stores (and acknowledges) what was delivered before the disconnect
         self.client.disconnect()
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._ticker is not None:
@@ -190,15 +205,13 @@ class Controller:
         self._wake.set()
 
     def _on_report(self, msg: Message) -> None:
-        try:
-            done = self.ingest.handle(msg.topic, msg.payload)
-        except Exception:  # noqa: BLE001 - the store failed: log; the device re-sends state, the outbox telemetry
-            log.exception("ingest of %s failed", msg.topic)
-            return
-        if done is not None and done.new:
-            self._after_ingest(done)
+        self.writer.put(msg, msg.topic, msg.payload)
 
-    def _after_ingest(self, done: Ingested) -> None:
+    def _after_ingest(self, msg: Message, done: Optional[Ingested]) -> None:
+        """On the ingest thread, after the commit: acknowledge, then what a new report moves."""
+        self.client.ack(msg)
+        if done is None or not done.new:
+            return
         if done.kind == "reply":
             self.commands.on_reply()
         elif done.kind == "event":
@@ -282,6 +295,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port, metrics_addr=args.metrics_addr, username=args.username,
         password=_read_secret(args.password_file, "password"), passphrase=passphrase, tick_s=args.tick,
         desired_valid_for=timedelta(seconds=args.desired_validity), retention_s=args.retention,
+        persistent_session=args.instance is not None,
     )
     controller = Controller(cfg)
     stop = threading.Event()
@@ -321,7 +335,8 @@ def add_cli(sub: Any, models: Any) -> None:
                    help=f"split device topics with other replicas via $share/GROUP/ (default {DEFAULT_SHARE_GROUP})")
     p.add_argument("--metrics-port", type=int, default=None, metavar="N", help="serve Prometheus /metrics on this port")
     p.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR")
-    p.add_argument("--instance", default=None, metavar="ID", help="this replica's id (default: host name + random)")
+    p.add_argument("--instance", default=None, metavar="ID", help="this replica's id (default: host name + random); a stable id also makes the broker keep "
+                        "its session: reports sent while it is down are delivered when it returns")
     p.add_argument("--username", default=os.environ.get("FLEETCTL_USERNAME"), metavar="USER")
     p.add_argument("--password-file", default=os.environ.get("FLEETCTL_PASSWORD_FILE"), metavar="FILE")
     p.add_argument("--passphrase-file", default=None, metavar="FILE", help="opens encrypted signing keys")

@@ -10,6 +10,7 @@ a ``revision`` column, never read-modify-write without a guard.
 Ingest is idempotent: ``add_telemetry``/``add_event``/``record_reply`` return False for a
 (device, seq) already stored, and change nothing then. ``apply_state`` ignores a state
 older than the one held (a stale Will: lower ``bd_seq`` for the same boot).
+``ingest_many`` writes a batch of reports in one transaction (one commit, one fsync).
 
 Errors (every one an ``EdgeRuntimeError``; the message says what was expected and what to do):
 
@@ -47,7 +48,7 @@ from edge_runtime.errors import EdgeRuntimeError
 __all__ = [
     "Store", "StoreError", "NotFound", "Conflict", "StoreUnavailable", "Incomplete", "DigestMismatch",
     "DeviceRecord", "ReleaseRecord", "Assignment", "DesiredRecord", "RolloutRecord", "StepRecord",
-    "CommandRecord", "ModelWindow",
+    "CommandRecord", "ModelWindow", "Report",
 ]
 
 
@@ -80,6 +81,17 @@ class DigestMismatch(StoreError):
 
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Report:
+    """One device report to ingest: ``kind`` is "state", "telemetry", "event" or "reply";
+    ``data`` the decoded message as a json dict; ``received_at`` when it arrived."""
+
+    kind: str
+    device_id: str
+    data: dict[str, Any]
+    received_at: float
 
 
 @dataclass(frozen=True)
@@ -374,43 +386,42 @@ class Store:
         (boot_id, bd_seq) -- a process's death is its last word -- or when the device is
         online with a higher bd_seq. A birth with a lower bd_seq over an offline device is
         taken (the device's data directory was wiped and its counter started again)."""
+        return self._write(lambda conn: self._apply_state(conn, device_id, state, now))
+
+    def _apply_state(self, conn: sa.Connection, device_id: str, state: dict[str, Any], now: float) -> bool:
         online = bool(state.get("online"))
         boot_id = state.get("boot_id")
         bd_seq = state.get("bd_seq")
-
-        def fn(conn: sa.Connection) -> bool:
-            cur = self._locked_device(conn, device_id, now)
-            same = cur["boot_id"] == boot_id and cur["bd_seq"] == bd_seq
-            if not online:
-                newer = cur["bd_seq"] is None or (bd_seq is not None and bd_seq > cur["bd_seq"])
-                if not (same or newer):
-                    return False  # a stale Will: a newer process has been born since
-                if same and not cur["online"]:
-                    return False
-                conn.execute(sa.update(d).where(d.c.id == device_id).values(
-                    online=False, boot_id=boot_id, bd_seq=bd_seq, state_at=now))
-                return True
-            if same and not cur["online"] and cur["state_at"] is not None:
-                return False  # this process already died: a late copy of its birth
-            if (cur["online"] and cur["bd_seq"] is not None and bd_seq is not None
-                    and bd_seq < cur["bd_seq"]):
-                return False  # an older process's birth after a newer one's
-            caps = state.get("capabilities")
-            values = {
-                "online": True, "boot_id": boot_id, "bd_seq": bd_seq,
-                "runtime_version": state.get("runtime_version"),
-                "capabilities": caps,
-                "tier": (caps or {}).get("tier", "edge") if caps is not None else cur["tier"],
-                "reported": state.get("models") or {},
-                "reported_generation": state.get("generation"),
-            }
-            changed = any(cur[k] != v for k, v in values.items())
+        cur = self._locked_device(conn, device_id, now)
+        same = cur["boot_id"] == boot_id and cur["bd_seq"] == bd_seq
+        if not online:
+            newer = cur["bd_seq"] is None or (bd_seq is not None and bd_seq > cur["bd_seq"])
+            if not (same or newer):
+                return False  # a stale Will: a newer process has been born since
+            if same and not cur["online"]:
+                return False
             conn.execute(sa.update(d).where(d.c.id == device_id).values(
-                **values, state_at=now, last_seen=_later(cur["last_seen"], now)))
-            changed |= self._join_groups(conn, device_id, state.get("groups") or (), now) > 0
-            return changed
-
-        return self._write(fn)
+                online=False, boot_id=boot_id, bd_seq=bd_seq, state_at=now))
+            return True
+        if same and not cur["online"] and cur["state_at"] is not None:
+            return False  # this process already died: a late copy of its birth
+        if (cur["online"] and cur["bd_seq"] is not None and bd_seq is not None
+                and bd_seq < cur["bd_seq"]):
+            return False  # an older process's birth after a newer one's
+        caps = state.get("capabilities")
+        values = {
+            "online": True, "boot_id": boot_id, "bd_seq": bd_seq,
+            "runtime_version": state.get("runtime_version"),
+            "capabilities": caps,
+            "tier": (caps or {}).get("tier", "edge") if caps is not None else cur["tier"],
+            "reported": state.get("models") or {},
+            "reported_generation": state.get("generation"),
+        }
+        changed = any(cur[k] != v for k, v in values.items())
+        conn.execute(sa.update(d).where(d.c.id == device_id).values(
+            **values, state_at=now, last_seen=_later(cur["last_seen"], now)))
+        changed |= self._join_groups(conn, device_id, state.get("groups") or (), now) > 0
+        return changed
 
     def touch(self, device_id: str, *, now: float) -> None:
         """last_seen = now (any message from a known device)."""
@@ -948,6 +959,33 @@ class Store:
 
     # -- ingest -----------------------------------------------------------------------------
 
+    def ingest_many(self, reports: list[Report]) -> list[bool]:
+        """Store ``reports`` in one transaction, each as ``apply_state`` / ``add_telemetry`` /
+        ``add_event`` / ``record_reply`` would; returns whether each was new, in the order
+        given. All or nothing: an error rolls the whole batch back (retry them one by one
+        to find the culprit). Written in device-id order (stable, so one device's reports
+        keep theirs): replicas' batches lock device rows in the same order and cannot
+        deadlock each other.
+
+        Raises:
+            ValueError: an unknown ``kind`` (before anything is written).
+        """
+        writers = {"state": self._apply_state, "telemetry": self._add_telemetry, "event": self._add_event,
+                   "reply": self._record_reply}
+        for r in reports:
+            if r.kind not in writers:
+                raise ValueError(f"report kind: expected one of {sorted(writers)}, got {r.kind!r}")
+        order = sorted(range(len(reports)), key=lambda i: reports[i].device_id)
+
+        def fn(conn: sa.Connection) -> list[bool]:
+            new = [False] * len(reports)
+            for i in order:
+                r = reports[i]
+                new[i] = bool(writers[r.kind](conn, r.device_id, r.data, r.received_at))
+            return new
+
+        return self._write(fn) if reports else []
+
     def add_telemetry(self, device_id: str, sample: dict[str, Any], *, now: float) -> bool:
         """Store a ``Telemetry`` sample (json dict) once: False if (device, seq) is held.
         On a new one also: telemetry_models rows (per-model deltas of the cumulative
@@ -965,45 +1003,44 @@ class Store:
 
         The device row is locked for the transaction (SELECT ... FOR UPDATE on PostgreSQL):
         replicas ingesting for one device take turns."""
+        return self._write(lambda conn: self._add_telemetry(conn, device_id, sample, now))
+
+    def _add_telemetry(self, conn: sa.Connection, device_id: str, sample: dict[str, Any], now: float) -> bool:
         seq = int(sample["seq"])
         at = _ts(sample.get("at"), now)
         tm = schema.telemetry_models
+        dev = self._locked_device(conn, device_id, now)
+        if not _inserted(conn, self._insert(t).values(device_id=device_id, seq=seq, at=at, received_at=now,
+                                                      payload=sample)):
+            return False
+        newest = dev["last_telemetry_seq"]
+        values: dict[str, Any] = {"last_seen": _later(dev["last_seen"], now)}
+        if newest is None or seq > newest:
+            prev = dev["last_telemetry"] if newest is not None else None
+            after = None
+            values.update(last_telemetry=sample, last_telemetry_seq=seq)
+        else:
+            prev = conn.execute(sa.select(t.c.payload).where(t.c.device_id == device_id, t.c.seq < seq)
+                                .order_by(t.c.seq.desc()).limit(1)).scalar()
+            after = conn.execute(sa.select(t.c.payload).where(t.c.device_id == device_id, t.c.seq > seq)
+                                 .order_by(t.c.seq).limit(1)).scalar()
+        conn.execute(sa.update(d).where(d.c.id == device_id).values(**values))
 
-        def fn(conn: sa.Connection) -> bool:
-            dev = self._locked_device(conn, device_id, now)
-            if not _inserted(conn, self._insert(t).values(device_id=device_id, seq=seq, at=at, received_at=now,
-                                                          payload=sample)):
-                return False
-            newest = dev["last_telemetry_seq"]
-            values: dict[str, Any] = {"last_seen": _later(dev["last_seen"], now)}
-            if newest is None or seq > newest:
-                prev = dev["last_telemetry"] if newest is not None else None
-                after = None
-                values.update(last_telemetry=sample, last_telemetry_seq=seq)
-            else:
-                prev = conn.execute(sa.select(t.c.payload).where(t.c.device_id == device_id, t.c.seq < seq)
-                                    .order_by(t.c.seq.desc()).limit(1)).scalar()
-                after = conn.execute(sa.select(t.c.payload).where(t.c.device_id == device_id, t.c.seq > seq)
-                                     .order_by(t.c.seq).limit(1)).scalar()
-            conn.execute(sa.update(d).where(d.c.id == device_id).values(**values))
-
-            rows = []
-            ups: dict[tuple[str, str, int], list[float]] = {}
-            for model, (calls, errors) in _deltas(sample, prev).items():
-                fig = sample["models"][model]
-                p95 = fig.get("p95_ms")
-                rows.append({"device_id": device_id, "seq": seq, "model": model, "version": fig.get("version"),
-                             "at": at, "calls": calls, "errors": errors, "p95_ms": p95})
-                _bucket(ups, model, fig.get("version"), at, calls, errors, p95, samples=1)
-            if rows:
-                conn.execute(sa.insert(tm).values(rows))  # one multi-row VALUES: one round trip
-            if after is not None:
-                self._rebase(conn, device_id, after, sample, ups)
-            if ups:
-                self._add_rollups(conn, ups)
-            return True
-
-        return self._write(fn)
+        rows = []
+        ups: dict[tuple[str, str, int], list[float]] = {}
+        for model, (calls, errors) in _deltas(sample, prev).items():
+            fig = sample["models"][model]
+            p95 = fig.get("p95_ms")
+            rows.append({"device_id": device_id, "seq": seq, "model": model, "version": fig.get("version"),
+                         "at": at, "calls": calls, "errors": errors, "p95_ms": p95})
+            _bucket(ups, model, fig.get("version"), at, calls, errors, p95, samples=1)
+        if rows:
+            conn.execute(sa.insert(tm).values(rows))  # one multi-row VALUES: one round trip
+        if after is not None:
+            self._rebase(conn, device_id, after, sample, ups)
+        if ups:
+            self._add_rollups(conn, ups)
+        return True
 
     def _rebase(self, conn: sa.Connection, device_id: str, after: dict[str, Any], late: dict[str, Any],
                 ups: dict[tuple[str, str, int], list[float]]) -> None:
@@ -1040,13 +1077,16 @@ class Store:
 
     def add_event(self, device_id: str, event: dict[str, Any], *, now: float) -> bool:
         """Store an ``Event`` once: False if (device, seq) is held."""
+        return self._write(lambda conn: self._add_event(conn, device_id, event, now))
+
+    def _add_event(self, conn: sa.Connection, device_id: str, event: dict[str, Any], now: float) -> bool:
         e = schema.events
         values = {
             "device_id": device_id, "seq": int(event["seq"]), "at": _ts(event.get("at"), now), "received_at": now,
             "step": event["step"], "model": event.get("model"), "version": event.get("version"),
             "generation": event.get("generation"), "reason": event.get("reason"), "payload": event,
         }
-        return bool(self._write(lambda conn: _inserted(conn, self._insert(e).values(**values))))
+        return bool(_inserted(conn, self._insert(e).values(**values)))
 
     def recent_events(self, *, device_id: Optional[str] = None, model: Optional[str] = None,
                       since: Optional[float] = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -1176,13 +1216,18 @@ class Store:
     def record_reply(self, device_id: str, reply: dict[str, Any], *, now: float) -> bool:
         """Attach a ``Reply`` to its command (by seq): False when there is no such command or
         it already has a reply."""
+        if reply.get("seq") is None:
+            return False
+        return self._write(lambda conn: self._record_reply(conn, device_id, reply, now))
+
+    def _record_reply(self, conn: sa.Connection, device_id: str, reply: dict[str, Any], now: float) -> bool:
         seq = reply.get("seq")
         if seq is None:
             return False
         c = schema.commands
-        return bool(self._write(lambda conn: conn.execute(
+        return bool(conn.execute(
             sa.update(c).where(c.c.device_id == device_id, c.c.seq == int(seq), c.c.replied_at.is_(None))
-            .values(state="ok" if reply.get("ok") else "failed", reply=reply, replied_at=now)).rowcount))
+            .values(state="ok" if reply.get("ok") else "failed", reply=reply, replied_at=now)).rowcount)
 
     def get_command(self, device_id: str, seq: int) -> CommandRecord:
         """Raises NotFound."""
