@@ -970,18 +970,28 @@ class Store:
         Raises:
             ValueError: an unknown ``kind`` (before anything is written).
         """
-        writers = {"state": self._apply_state, "telemetry": self._add_telemetry, "event": self._add_event,
-                   "reply": self._record_reply}
+        kinds = ("state", "telemetry", "event", "reply")
         for r in reports:
-            if r.kind not in writers:
-                raise ValueError(f"report kind: expected one of {sorted(writers)}, got {r.kind!r}")
+            if r.kind not in kinds:
+                raise ValueError(f"report kind: expected one of {list(kinds)}, got {r.kind!r}")
         order = sorted(range(len(reports)), key=lambda i: reports[i].device_id)
+        samples = [i for i in order if reports[i].kind == "telemetry"]
 
         def fn(conn: sa.Connection) -> list[bool]:
             new = [False] * len(reports)
-            for i in order:
+            for i in order:  # states, events, replies first: telemetry touches other columns
                 r = reports[i]
-                new[i] = bool(writers[r.kind](conn, r.device_id, r.data, r.received_at))
+                if r.kind == "state":
+                    new[i] = self._apply_state(conn, r.device_id, r.data, r.received_at)
+                elif r.kind == "event":
+                    new[i] = self._add_event(conn, r.device_id, r.data, r.received_at)
+                elif r.kind == "reply":
+                    new[i] = self._record_reply(conn, r.device_id, r.data, r.received_at)
+            if samples:
+                stored = self._add_telemetry_many(
+                    conn, [(reports[i].device_id, reports[i].data, reports[i].received_at) for i in samples])
+                for i, was_new in zip(samples, stored):
+                    new[i] = was_new
             return new
 
         return self._write(fn) if reports else []
@@ -1005,14 +1015,79 @@ class Store:
         replicas ingesting for one device take turns."""
         return self._write(lambda conn: self._add_telemetry(conn, device_id, sample, now))
 
-    def _add_telemetry(self, conn: sa.Connection, device_id: str, sample: dict[str, Any], now: float) -> bool:
+    def _add_telemetry_many(self, conn: sa.Connection, items: list[tuple[str, dict[str, Any], float]]) -> list[bool]:
+        """``add_telemetry`` for many (device_id, sample, received_at), device ids sorted:
+        whether each was new. Set-based, as ingest's throughput needs: one locking read of
+        the device rows, one read of the (device, seq) keys held, then executemany inserts
+        and device updates, and one rollup upsert per (model, version, hour). A late sample
+        (seq not above its device's newest) takes ``_add_telemetry``'s path afterwards."""
+        ids = sorted({dev for dev, _, _ in items})
+        now0 = min(at for _, _, at in items)
+        rows = {r["id"]: dict(r) for r in conn.execute(_DEVICES_LOCKED, {"ids": ids}).mappings()}
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            for device_id in missing:
+                self._ensure_device(conn, device_id, now0)
+            rows.update({r["id"]: dict(r) for r in conn.execute(_DEVICES_LOCKED, {"ids": missing}).mappings()})
+        keys = [(dev, int(sample["seq"])) for dev, sample, _ in items]
+        held = {tuple(k) for k in conn.execute(_TELEMETRY_HELD_MANY, {"keys": sorted(set(keys))})}
+        new: list[bool] = []
+        late: list[tuple[str, dict[str, Any], float]] = []
+        dirty: set[str] = set()
+        t_rows: list[dict[str, Any]] = []
+        tm_rows: list[dict[str, Any]] = []
+        ups: dict[tuple[str, str, int], list[float]] = {}
+        for (dev, sample, now), key in zip(items, keys):
+            if key in held:
+                new.append(False)
+                continue
+            held.add(key)  # a copy later in this batch is a duplicate too
+            new.append(True)
+            row = rows[dev]
+            newest = row["last_telemetry_seq"]
+            if newest is not None and key[1] <= newest:
+                late.append((dev, sample, now))
+                continue
+            prev = row["last_telemetry"] if newest is not None else None
+            row.update(last_telemetry=sample, last_telemetry_seq=key[1], last_seen=_later(row["last_seen"], now))
+            dirty.add(dev)
+            at = _ts(sample.get("at"), now)
+            t_rows.append({"device_id": dev, "seq": key[1], "at": at, "received_at": now, "payload": sample})
+            for model, (calls, errors) in _deltas(sample, prev).items():
+                fig = sample["models"][model]
+                p95 = fig.get("p95_ms")
+                tm_rows.append({"device_id": dev, "seq": key[1], "model": model, "version": fig.get("version"),
+                                "at": at, "calls": calls, "errors": errors, "p95_ms": p95})
+                _bucket(ups, model, fig.get("version"), at, calls, errors, p95, samples=1)
+        if t_rows:
+            conn.execute(sa.insert(t), t_rows)
+        if tm_rows:
+            conn.execute(sa.insert(schema.telemetry_models), tm_rows)
+        if dirty:
+            conn.execute(_DEVICE_TELEMETRY_UPDATE, [
+                {"b_id": dev, "b_last_seen": rows[dev]["last_seen"], "b_last_telemetry": rows[dev]["last_telemetry"],
+                 "b_last_telemetry_seq": rows[dev]["last_telemetry_seq"]} for dev in sorted(dirty)])
+        for dev, sample, now in late:
+            self._add_telemetry(conn, dev, sample, now, ups=ups)
+        if ups:
+            self._add_rollups(conn, ups)
+        return new
+
+    def _add_telemetry(self, conn: sa.Connection, device_id: str, sample: dict[str, Any], now: float, *,
+                       ups: Optional[dict[tuple[str, str, int], list[float]]] = None) -> bool:
+        """``add_telemetry`` in ``conn``. The hot path of ingest: only statements SQLAlchemy
+        caches (its dialect INSERT ... ON CONFLICT is compiled anew every time), and the
+        rollups go into ``ups`` when the caller writes them for a whole batch."""
         seq = int(sample["seq"])
         at = _ts(sample.get("at"), now)
         tm = schema.telemetry_models
         dev = self._locked_device(conn, device_id, now)
-        if not _inserted(conn, self._insert(t).values(device_id=device_id, seq=seq, at=at, received_at=now,
-                                                      payload=sample)):
+        # the device row is locked (PostgreSQL: FOR UPDATE; SQLite: one writer), so checking
+        # then inserting cannot race another replica ingesting for this device
+        if conn.execute(_TELEMETRY_HELD, {"device_id": device_id, "seq": seq}).first() is not None:
             return False
+        conn.execute(_TELEMETRY_INSERT, {"device_id": device_id, "seq": seq, "at": at, "received_at": now,
+                                         "payload": sample})
         newest = dev["last_telemetry_seq"]
         values: dict[str, Any] = {"last_seen": _later(dev["last_seen"], now)}
         if newest is None or seq > newest:
@@ -1027,7 +1102,9 @@ class Store:
         conn.execute(sa.update(d).where(d.c.id == device_id).values(**values))
 
         rows = []
-        ups: dict[tuple[str, str, int], list[float]] = {}
+        flush = ups is None
+        if ups is None:
+            ups = {}
         for model, (calls, errors) in _deltas(sample, prev).items():
             fig = sample["models"][model]
             p95 = fig.get("p95_ms")
@@ -1035,10 +1112,10 @@ class Store:
                          "at": at, "calls": calls, "errors": errors, "p95_ms": p95})
             _bucket(ups, model, fig.get("version"), at, calls, errors, p95, samples=1)
         if rows:
-            conn.execute(sa.insert(tm).values(rows))  # one multi-row VALUES: one round trip
+            conn.execute(sa.insert(tm), rows)  # executemany of a cached statement
         if after is not None:
             self._rebase(conn, device_id, after, sample, ups)
-        if ups:
+        if flush and ups:
             self._add_rollups(conn, ups)
         return True
 
@@ -1310,6 +1387,18 @@ def _active_index(exc: sa.exc.IntegrityError) -> bool:
     (PostgreSQL names the index; SQLite names the column)."""
     text = str(exc.orig)
     return "ux_rollouts_active_model" in text or "rollouts.model" in text
+
+
+_TELEMETRY_HELD = sa.select(sa.literal_column("1")).select_from(t).where(
+    t.c.device_id == sa.bindparam("device_id"), t.c.seq == sa.bindparam("seq"))
+_TELEMETRY_INSERT = sa.insert(t)
+_TELEMETRY_HELD_MANY = sa.select(t.c.device_id, t.c.seq).where(
+    sa.tuple_(t.c.device_id, t.c.seq).in_(sa.bindparam("keys", expanding=True)))
+# sorted, locked (PostgreSQL): replicas lock device rows in one order
+_DEVICES_LOCKED = sa.select(d).where(d.c.id.in_(sa.bindparam("ids", expanding=True))).order_by(d.c.id).with_for_update()
+_DEVICE_TELEMETRY_UPDATE = sa.update(d).where(d.c.id == sa.bindparam("b_id")).values(
+    last_seen=sa.bindparam("b_last_seen"), last_telemetry=sa.bindparam("b_last_telemetry", type_=d.c.last_telemetry.type),
+    last_telemetry_seq=sa.bindparam("b_last_telemetry_seq"))
 
 
 def _inserted(conn: sa.Connection, stmt: Any) -> int:

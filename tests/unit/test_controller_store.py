@@ -31,6 +31,7 @@ from controller.store import (
     Incomplete,
     NotFound,
     ReleaseRecord,
+    Report,
     Store,
     StoreError,
     StoreUnavailable,
@@ -514,6 +515,54 @@ def test_any_arrival_order_gives_the_in_order_result(store: Store, url: str) -> 
         assert all(r["version"] == version and r["samples"] > 0 for r in store.rollups(name))
 
 
+def test_batches_give_the_one_by_one_result(store: Store, url: str) -> None:
+    """``ingest_many`` (the daemon's path) in random batches of shuffled reports with
+    redeliveries, births and events mixed in stores exactly what one-by-one arrival in seq
+    order would: the same deltas, rollups, newest sample, and each report new exactly once."""
+    rnd = random.Random(5)
+    streams = {f"d{k}": stream(30, reboot_at=12 + k, seed=k) for k in range(3)}
+    reports = [Report("telemetry", dev, sample, T0 + sample["seq"]) for dev, samples in streams.items()
+               for sample in samples]
+    reports += [Report("state", dev, birth("b1", 1), T0) for dev in streams]
+    reports += [Report("event", dev, event(k), T0 + k) for dev in streams for k in (1, 2)]
+    unique = len(reports)
+    reports += rnd.sample(reports, 25)  # redeliveries
+    rnd.shuffle(reports)
+    got_new = 0
+    while reports:
+        n = rnd.randint(1, 40)
+        batch, reports = reports[:n], reports[n:]
+        got_new += sum(store.ingest_many(batch))
+    assert got_new == unique
+    held = rows(url, schema.telemetry_models, "device_id", "seq", "model")
+    for dev, samples in streams.items():
+        got = {(r["seq"], r["model"]): (r["calls"], r["errors"]) for r in held if r["device_id"] == dev}
+        assert got == expected_deltas(samples), dev
+        d = store.get_device(dev)
+        assert d.online and d.last_telemetry is not None and d.last_telemetry["seq"] == 30
+    want_calls = sum(v[0] for samples in streams.values() for (_, name), v in expected_deltas(samples).items()
+                     if name == "det")
+    assert sum(r["calls"] for r in store.rollups("det")) == want_calls
+    assert sum(r["samples"] for r in store.rollups("det")) == 90
+    assert store.counts()["telemetry"] == 90 and store.counts()["events"] == 6
+
+
+def test_ingest_many_is_all_or_nothing(store: Store, url: str) -> None:
+    good = Report("telemetry", "d1", tel(1, models={"det": ("1.0", 5, 0, 9.0)}), T0)
+    written_first = Report("event", "d0", event(1), T0)  # device order: d0's event is written first
+    broken = Report("event", "d9", {"seq": 1}, T0)  # no step: the write fails after it
+    with pytest.raises(KeyError):
+        store.ingest_many([good, broken, written_first])
+    assert store.counts()["telemetry"] == 0 and store.counts()["events"] == 0
+    assert rows(url, schema.telemetry_models) == [] and store.rollups("det") == []
+    assert rows(url, schema.devices) == []
+    with pytest.raises(ValueError, match="report kind"):
+        store.ingest_many([good, Report("gossip", "d1", {}, T0)])
+    assert store.counts()["telemetry"] == 0
+    assert store.ingest_many([good, good]) == [True, False]  # a duplicate inside one batch
+    assert store.ingest_many([]) == []
+
+
 def test_model_window_and_latency_percentiles(store: Store) -> None:
     store.add_telemetry("d1", tel(1, at=T0, models={"det": ("2.0", 100, 5, 10.0), "cls": ("1.0", 3, 0, None)}), now=T0)
     store.add_telemetry("d1", tel(2, at=T0 + 60, models={"det": ("2.0", 400, 5, 20.0)}), now=T0)
@@ -676,5 +725,5 @@ CORE = [
     "test_telemetry_is_idempotent_with_deltas_and_rollups", "test_late_sample_is_stored_and_rebases_its_successor",
     "test_any_arrival_order_gives_the_in_order_result", "test_model_window_and_latency_percentiles",
     "test_events_are_idempotent", "test_expire_keeps_rollups", "test_commands_and_replies",
-    "test_audit_counts_and_size",
+    "test_audit_counts_and_size", "test_batches_give_the_one_by_one_result", "test_ingest_many_is_all_or_nothing",
 ]
