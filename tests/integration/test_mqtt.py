@@ -311,3 +311,50 @@ def test_config_url_parts():
     assert (c.host, c.port, c.tls, c.credentials()) == ("broker.local", 8883, True, ("dev@1", "s3cret"))
     assert MqttConfig(url="mqtt://127.0.0.1").port == 1883
     assert issubclass(PublishTimeout, MqttError)
+
+
+def test_manual_ack_holds_the_puback_until_the_handler_acks(mosquitto_broker, clients):
+    """With manual_ack and a persistent session, a message the handler never acknowledged
+    comes again when the session resumes; an acknowledged one does not; a message to a
+    handler that does not ack itself is acknowledged once the handler returned."""
+    cfg = dict(client_id="ctl-manual", clean_start=False, manual_ack=True)
+    sub = client(mosquitto_broker, clients, **cfg)
+    held: "queue.Queue[Message]" = queue.Queue()
+    sub.add_handler("work/#", held.put, acks=True)
+    plain = sub.queue("auto/#")
+    sub.subscribe([("work/#", 1), ("auto/#", 1)], timeout=5)
+    pub = client(mosquitto_broker, clients)
+    for name in ("a", "b", "c"):
+        pub.publish(f"work/{name}", name.encode(), qos=1, timeout=5)
+    pub.publish("auto/x", b"x", qos=1, timeout=5)
+    got = [get(held) for _ in range(3)]
+    assert [m.payload for m in got] == [b"a", b"b", b"c"]
+    assert get(plain).payload == b"x"
+    sub.ack(got[1])  # only b is done
+    # a round trip after the PUBACK: the broker has it before the session ends
+    sub.publish("auto/mark", b"mark", qos=1, timeout=5)
+    assert get(plain).payload == b"mark"
+    sub.disconnect(timeout=5)
+
+    again = client(mosquitto_broker, clients, connect=False, **cfg)
+    redelivered: "queue.Queue[Message]" = queue.Queue()
+    again.add_handler("work/#", redelivered.put, acks=True)
+    auto_again = again.queue("auto/#")
+    again.connect(timeout=5)  # the handlers are in place before the session resumes
+    firsts = [get(redelivered) for _ in range(2)]
+    assert sorted(m.payload for m in firsts) == [b"a", b"c"]
+    for m in firsts:
+        again.ack(m)
+    pub.publish("work/z", b"z", qos=1, timeout=5)  # a marker behind anything else queued
+    assert get(redelivered).payload == b"z"
+    assert redelivered.empty() and auto_again.empty()  # b, x and mark were acknowledged: not again
+
+
+def test_publish_without_waiting_is_delivered(broker, clients):
+    sub = client(broker, clients)
+    inbox = sub.queue("nowait/#")
+    sub.subscribe([("nowait/#", 1)], timeout=5)
+    pub = client(broker, clients)
+    for i in range(50):
+        pub.publish(f"nowait/{i}", str(i).encode(), qos=1, wait=False)
+    assert sorted(int(get(inbox).payload) for _ in range(50)) == list(range(50))

@@ -1,11 +1,13 @@
 """The controller's parts over a real SQLite store and real keys, without a broker:
 desired documents (built, signed, verified by the device's own trust code, re-signed
 before they expire), ingest (bad input refused with a reason and nothing stored,
-redeliveries counted once), commands (seq per device, bad args cost no seq)."""
+redeliveries counted once; the batching writer acknowledges only after a commit and holds
+on while the database is down), commands (seq per device, bad args cost no seq)."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -15,8 +17,8 @@ import pytest
 
 from controller.commands import CommandSender
 from controller.desired import DesiredPublisher
-from controller.ingest import Ingest
-from controller.store import Assignment, ReleaseRecord, Store
+from controller.ingest import Ingest, Ingested, IngestWriter
+from controller.store import Assignment, ReleaseRecord, Store, StoreUnavailable
 from edge_runtime.protocol import messages, topics
 from edge_runtime.protocol.trust import Rejection, TrustedState
 from tests.fleetkit import make_keys
@@ -117,6 +119,89 @@ def test_ingest_refuses_bad_input_with_a_reason_and_stores_nothing(parts):
     assert again is not None and not again.new
     assert ingest.stored["telemetry"] == 1 and ingest.duplicates["telemetry"] == 1
     assert [t["seq"] for t in store.recent_telemetry()] == [7]
+
+
+def _telemetry(seq: int) -> bytes:
+    return messages.encode(messages.Telemetry(
+        seq=seq, at=datetime.fromtimestamp(T0, timezone.utc), interval_s=1,
+        system=messages.SystemFigures(cpu_percent=5, memory_total_bytes=100, memory_available_bytes=50)))
+
+
+def test_ingest_batch_keeps_the_good_when_the_database_refuses_one(parts, monkeypatch):
+    _keys, store, clock, _sent = parts
+    ingest = Ingest(store, clock=clock)
+    real = store.ingest_many
+
+    def refuse_seq_3(reports):
+        if any(r.data.get("seq") == 3 for r in reports):
+            raise RuntimeError("the database refused seq 3")
+        return real(reports)
+
+    monkeypatch.setattr(store, "ingest_many", refuse_seq_3)
+    out = ingest.handle_many([(topics.telemetry("dev-1"), _telemetry(seq), T0) for seq in (1, 2, 3, 4)]
+                             + [(topics.telemetry("dev-1"), b"{bad", T0)])
+    assert [o is not None and o.new for o in out] == [True, True, False, True, False]
+    assert out[2] is None and out[4] is None
+    assert sorted(t["seq"] for t in store.recent_telemetry()) == [1, 2, 4]
+    assert ingest.rejected["store_error"] == 1 and ingest.rejected["malformed"] == 1
+
+
+def test_ingest_writer_acknowledges_after_the_commit_and_waits_out_an_outage(parts, monkeypatch):
+    """Messages are handed back (to be acknowledged) in arrival order, each only once its
+    batch is stored; while the database is unavailable nothing is handed back and nothing is
+    lost: the batch is retried until it goes in."""
+    _keys, store, clock, _sent = parts
+    ingest = Ingest(store, clock=clock)
+    real = store.ingest_many
+    down = threading.Event()
+    down.set()
+    attempts: list[int] = []
+
+    def flaky(reports):
+        attempts.append(len(reports))
+        if down.is_set():
+            raise StoreUnavailable("database test is unavailable")
+        return real(reports)
+
+    monkeypatch.setattr(store, "ingest_many", flaky)
+    done: list[tuple[int, bool, int]] = []
+    all_done = threading.Event()
+
+    def on_done(item: int, result: Ingested | None) -> None:
+        # what was handed back is on disk already
+        held = {t["seq"] for t in store.recent_telemetry(limit=1000)}
+        done.append((item, result is not None and result.new, item in held))
+        if len(done) == 40:
+            all_done.set()
+
+    writer: IngestWriter[int] = IngestWriter(ingest, on_done, max_batch=16, retry_max_s=0.05)
+    writer.start()
+    try:
+        for seq in range(1, 41):
+            writer.put(seq, topics.telemetry("dev-1"), _telemetry(seq))
+        deadline = time.monotonic() + 10
+        while len(attempts) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(attempts) >= 3 and done == []  # retried, nothing acknowledged
+        down.clear()
+        assert all_done.wait(10)
+    finally:
+        writer.stop()
+    assert [d[0] for d in done] == list(range(1, 41))  # arrival order
+    assert all(new and stored for _, new, stored in done)
+    assert max(attempts) <= 16 and writer.batches >= 3
+
+
+def test_ingest_writer_stop_stores_what_was_queued(parts):
+    _keys, store, clock, _sent = parts
+    done: list[int] = []
+    writer: IngestWriter[int] = IngestWriter(Ingest(store, clock=clock), lambda item, _r: done.append(item))
+    writer.start()
+    for seq in range(1, 201):
+        writer.put(seq, topics.telemetry("dev-2"), _telemetry(seq))
+    writer.stop()
+    assert done == list(range(1, 201))
+    assert len(store.recent_telemetry(device_id="dev-2", limit=500)) == 200
 
 
 def test_commands_get_growing_seqs_and_bad_args_cost_no_seq(parts):
