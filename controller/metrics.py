@@ -6,7 +6,8 @@ Collected on scrape from what the daemon already holds — nothing here counts o
     edgefleet_rollouts{state}                              gauge, from the store
     edgefleet_ingest_messages_total{kind,result}           counter: stored | duplicate (per replica)
     edgefleet_ingest_rejected_total{reason}                counter
-    edgefleet_ingest_backlog                               gauge: reports received, not yet stored
+    edgefleet_ingest_received_total{kind}                  counter: decoded, stored or not yet
+    edgefleet_ingest_backlog                               gauge: reports queued, not yet taken to store
     edgefleet_model_latency_ms{model,version,quantile}     gauge: p50/p95/p99 of devices' p95 over 5 min
     edgefleet_desired_published_total, edgefleet_commands_sent_total, edgefleet_api_calls_total{method},
     edgefleet_chunks_served_total, edgefleet_chunk_bytes_total
@@ -65,6 +66,11 @@ class FleetCollector(Collector):
         c = CounterMetricFamily("edgefleet_ingest_rejected", "Device messages refused", labels=["reason"])
         for reason, n in sorted(d.ingest.rejected.items()):
             c.add_metric([reason], n)
+        yield c
+        c = CounterMetricFamily("edgefleet_ingest_received", "Device reports decoded by this replica",
+                                labels=["kind"])
+        for kind, n in sorted(d.ingest.received.items()):
+            c.add_metric([kind], n)
         yield c
         yield GaugeMetricFamily("edgefleet_ingest_backlog", "Device reports received and not yet stored",
                                 value=d.writer.backlog)

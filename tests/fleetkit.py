@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Optional, Union
@@ -30,7 +31,7 @@ from tests.agentkit import AgentProcess, NotifyListener, write_config
 from tests.brokers import free_port
 from tests.helpers import wait_until
 
-__all__ = ["ControllerProcess", "DeviceFleet", "ctl_state", "make_keys", "push_model"]
+__all__ = ["ControllerProcess", "DeviceFleet", "ctl_state", "make_keys", "push_model", "scrape"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -200,3 +201,11 @@ class DeviceFleet:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A controller's /metrics as {"name{labels}": value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {k: float(v) for k, _, v in (line.rpartition(" ") for line in text.splitlines()
+                                         if line and not line.startswith("#"))}

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from controller.apiclient import ApiClient
-from tests.fleetkit import ControllerProcess, DeviceFleet, ctl_state, make_keys, push_model
+from tests.fleetkit import ControllerProcess, DeviceFleet, ctl_state, make_keys, push_model, scrape
 from tests.helpers import wait_until
 
 DEVICES = ["dev-a", "dev-b", "dev-c"]
@@ -163,13 +163,6 @@ def test_a_device_offline_at_rollout_time_converges_when_it_returns(rig, model_f
     wait_until(lambda: {s["device_id"]: s["state"] for s in api.call("rollouts.show", id=row["id"])["steps"]}
                .get("dev-c") == "done", timeout=60, what="dev-c done after it came back")
     assert served_version(fleet, "dev-c") == "2"
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return {k: float(v) for k, _, v in (line.rpartition(" ") for line in text.splitlines()
-                                         if line and not line.startswith("#"))}
 
 
 def test_commands_telemetry_and_metrics_through_the_controller(rig, model_files):
