@@ -21,7 +21,10 @@ protocol, no interpreter) against ``fleetctl serve`` (a subprocess, SQLite datab
    TFLite model pushed through the console API and deployed to all in waves (10 % canary,
    then 100 %, 2 s soak). Timed from the deploy call to the last device publishing its
    ``active`` event (``rollout_s``), and to the rollout's final state; a rollout that
-   aborts before every device is active does not meet the target.
+   aborts before every device is active does not meet the target. CPU as cores of the
+   controller, the broker and this process (the simulated devices) from the deploy on.
+   ``--rollout-broker mosquitto`` runs it on Mosquitto instead of the embedded broker,
+   which isolates the broker's share.
 3. database bytes per device-day: growth of the SQLite database (pages in use) during ingest per
    stored sample, times the samples one device sends in a day at that rate.
 
@@ -247,19 +250,20 @@ def one_mb_model(path: Path) -> Path:
     return zoo.BuiltModel.from_builder(b).save(path)
 
 
-def rollout(n: int, tmp: Path, keys: Path) -> dict[str, Any]:
+def rollout(n: int, tmp: Path, keys: Path, kind: str = "embedded") -> dict[str, Any]:
     from controller.apiclient import ApiClient
     from tests.fleetkit import ControllerProcess, push_model
 
     model = one_mb_model(tmp / "models" / "big.tflite")
     size = model.stat().st_size
-    broker = EmbeddedBroker()
+    broker: _Broker = EmbeddedBroker() if kind == "embedded" else MosquittoBroker()
     broker.start()
+    assert broker.proc is not None
     ctl = ControllerProcess(broker.url, tmp / "rollout", keys, instance="bench-rollout", tick="0.5")
     fleet: Optional[SimFleet] = None
     try:
         ctl.wait_online(60)
-        log(f"rollout: {n} simulated devices (verifying signatures), a {size / 1e6:.2f} MB model")
+        log(f"rollout: {n} simulated devices (verifying signatures), a {size / 1e6:.2f} MB model, {kind} broker")
         fleet = SimFleet(broker.url, n, prefix="roll", telemetry_hz=0.2, root_json=(keys / "root.json").read_bytes(),
                          timeout=60)
         fleet.start()
@@ -268,6 +272,7 @@ def rollout(n: int, tmp: Path, keys: Path) -> dict[str, Any]:
                        interval=0.5, what="every simulated device online at the controller")
             push_model(api, model, "big", "1")
             t0 = time.time()
+            c0, b0, s0 = cpu_s(ctl.proc.pid), cpu_s(broker.proc.pid), cpu_s(os.getpid())
             row = api.call("deploy", model="big", version="1", to="all", canary_pct=10.0, waves=[100.0], soak_s=2.0,
                            max_error_rate_pct=None, max_latency_regression_pct=None)
             state: dict[str, Any] = {}
@@ -282,6 +287,10 @@ def rollout(n: int, tmp: Path, keys: Path) -> dict[str, Any]:
             times = [t for d in fleet.devices.values() for k, t in d.stats.active_at.items() if k == "big@1"]
             active = fleet.active_count("big", "1")
             active_s = (max(times) if active >= n else time.time()) - t0
+            wall = time.time() - t0
+            cores = {"controller": round((cpu_s(ctl.proc.pid) - c0) / wall, 3),
+                     "broker": round((cpu_s(broker.proc.pid) - b0) / wall, 3),
+                     "simulated_devices": round((cpu_s(os.getpid()) - s0) / wall, 3)}
             final = wait_until(lambda: (lambda r: r if r["state"] in ("succeeded", "aborted") else None)(
                 api.call("rollouts.show", id=row["id"])), timeout=300, interval=0.5, what="the rollout to finish")
             done_s = time.time() - t0
@@ -292,13 +301,14 @@ def rollout(n: int, tmp: Path, keys: Path) -> dict[str, Any]:
         ctl.__exit__(None, None, None)
         broker.close()
     out = {
-        "broker": "embedded", "devices": n, "artifact_bytes": size, "waves": "10% canary, 100%, 2 s soak",
+        "broker": kind, "devices": n, "artifact_bytes": size, "waves": "10% canary, 100%, 2 s soak",
         "signatures_verified": True,
         "all_active": active >= n, "active_at_end": active,
         "rollout_s": round(active_s, 2), "rollout_state": final["state"], "to_final_state_s": round(done_s, 2),
         "bytes_fetched": stats["bytes_fetched"], "wire_ratio": round(stats["bytes_fetched"] / (size * n), 4),
         "chunk_retries": stats["chunk_retries"], "transfer_failures": stats["transfer_failures"],
         "aggregate_mb_s": round(stats["bytes_fetched"] / 1e6 / active_s, 2),
+        "cores": cores,
     }
     log(f"rollout: {active}/{n} devices active after {out['rollout_s']} s, rollout {final['state']} "
         f"after {out['to_final_state_s']} s ({out['transfer_failures']} transfer failures)")
@@ -311,6 +321,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="100 devices for 15 s, 1,000 at 0.1 Hz, a 50-device rollout")
     ap.add_argument("--skip", action="append", default=[], choices=["embedded", "mosquitto", "big", "rollout"],
                     help="leave a section out (repeatable)")
+    ap.add_argument("--rollout-broker", choices=["embedded", "mosquitto"], default="embedded",
+                    help="the broker of the rollout section (default: embedded; mosquitto isolates the broker's share)")
     args = ap.parse_args()
     q = args.quick
     n1, window = (100, 15.0) if q else (1000, 60.0)
@@ -336,7 +348,9 @@ def main() -> int:
                 ing[f"mosquitto_{n_big}x0.1hz"] = ingest("mosquitto", n_big, 0.1, window_big, tmp, keys)
         metrics["ingest"] = ing
         if "rollout" not in args.skip:
-            metrics["rollout"] = rollout(n_roll, tmp, keys)
+            if args.rollout_broker == "mosquitto" and mosquitto_binary() is None:
+                raise SystemExit("--rollout-broker mosquitto: mosquitto is not installed (apt-get install mosquitto)")
+            metrics["rollout"] = rollout(n_roll, tmp, keys, args.rollout_broker)
         per_day = [v["db_bytes_per_device_day"] for v in ing.values() if v.get("db_bytes_per_device_day")]
         per_sample = [v["db_bytes_per_sample"] for v in ing.values() if v.get("db_bytes_per_sample")]
         if per_sample:

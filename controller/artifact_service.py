@@ -4,7 +4,7 @@
 among controller replicas when a ``share_group`` is given) and the publishing of what
 ``ArtifactServer.handle`` answers. It does not own the MQTT client (the caller connects
 and disconnects it), the blobs (``ArtifactServer``'s ``blob_lookup`` finds them) or any
-retry logic: a request whose answer could not be published is counted and logged, and the
+retry logic: a request whose answer could not be queued is counted and logged, and the
 device's ``Transfer`` asks again after its ``chunk_timeout``.
 
     client = MqttClient(MqttConfig(url=..., client_id="ctl-1"))
@@ -15,17 +15,21 @@ device's ``Transfer`` asks again after its ``chunk_timeout``.
     service.stop()
 
 Threads: the handler runs on the client's dispatcher thread, one request at a time, and
-publishes each answer at QoS 1 there (the dispatcher may block on a PUBACK; paho's
-network thread may not). Counters are updated only on that thread; read them anywhere.
+queues each answer at QoS 1 there without waiting for its PUBACK (``publish(wait=False)``:
+paho re-sends it until acknowledged, and the device re-asks a chunk it did not get anyway).
+Waiting made every chunk one broker round trip, serially, on the thread every other
+handler shares: 200 devices fetching 1 MB at once queued requests past the devices'
+chunk timeout, their retries queued more, and the rollout collapsed. Counters are updated
+only on that thread; read them anywhere.
 
 Counters (for tests and the benchmark):
 
     requests          request messages received (decodable or not)
-    answered          answers published (bytes or a typed error)
-    publish_failures  answers that could not be published (no session, no PUBACK, refused)
+    answered          answers queued for publishing (bytes or a typed error)
+    publish_failures  answers that could not be queued (no session, client closed)
     served_offsets    Counter of (sha256, offset) answered *with bytes*: how often each
                       chunk went out, so a test can assert none was fetched twice beyond retries
-    bytes_out         payload bytes of every answer published (EFC1 header + data)
+    bytes_out         payload bytes of every answer queued (EFC1 header + data)
     subscribe_failures connects after which the subscription could not be made
 
 Undecodable requests are dropped (no trustworthy reply topic); ``server.counters.dropped``
@@ -81,7 +85,9 @@ class ArtifactService:
         share_group: Optional[str] = None,
         publish_timeout: Optional[float] = None,
     ) -> None:
-        """
+        """``publish_timeout`` bounds the wait for the request subscription's SUBACK
+        (default: the client's ``operation_timeout``); answers are never waited for.
+
         Raises:
             ValueError: a bad ``share_group``.
         """
@@ -157,9 +163,9 @@ class ArtifactService:
             log.debug("dropped an undecodable chunk request on %s: %s", msg.topic, self.server.last_dropped)
             return
         reply_topic, payload = answer
-        try:
-            self.client.publish(reply_topic, payload, qos=1, timeout=self.publish_timeout)
-        except Exception as exc:  # noqa: BLE001 - MqttError, or closed client: the device retries
+        try:  # queued, not waited for: paho re-sends it until the PUBACK; the device re-asks anyway
+            self.client.publish(reply_topic, payload, qos=1, wait=False)
+        except Exception as exc:  # noqa: BLE001 - NotConnected, or closed client: the device retries
             self.publish_failures += 1
             log.warning("artifact service: answer to %s not published: %s", reply_topic, exc)
             return

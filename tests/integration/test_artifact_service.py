@@ -1,6 +1,7 @@
 """controller.artifact_service on real brokers: a device-side ``Transfer`` fetches a real
 artifact through the service; junk on the request topic is dropped and the service keeps
-answering. Every wait is a deadline poll."""
+answering. Every wait is a deadline poll. One case runs the service against a recording
+client instead: answers are queued (``publish(wait=False)``), never waited for."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from controller.artifact_service import ArtifactService, DirectoryLookup
 from controller.artifacts import ArtifactServer
 from edge_runtime.agent.transfer import PublishingChunkSource, Transfer, TransferError
-from edge_runtime.mqtt import MqttClient, MqttConfig
+from edge_runtime.mqtt import Message, MqttClient, MqttConfig, NotConnected
 from edge_runtime.protocol import messages, topics
 from tests.helpers import wait_until
 
@@ -140,3 +141,61 @@ def test_stop_removes_the_handler_and_start_resubscribes_after_a_broker_restart(
     device.publish(topics.artifact_request(sha), b"junk", qos=1, timeout=5)
     assert seen.get(timeout=5).payload == b"junk"  # delivered to the client, not to the stopped service
     assert service.requests == before
+
+
+class RecordingClient:
+    """The slice of ``MqttClient`` the service uses; records every publish, or refuses it
+    with ``NotConnected`` while ``down``."""
+
+    is_connected = True
+
+    def __init__(self) -> None:
+        self.handlers: list = []
+        self.published: list[tuple[str, bytes, dict]] = []
+        self.down = False
+
+    def add_handler(self, topic_filter, handler):
+        self.handlers.append(handler)
+        return lambda: self.handlers.remove(handler)
+
+    def add_connect_hook(self, hook) -> None:
+        pass
+
+    def subscribe(self, filters, *, timeout=None):
+        return [q for _, q in filters]
+
+    def unsubscribe(self, filters) -> None:
+        pass
+
+    def publish(self, topic, payload=b"", **kw) -> None:
+        if self.down:
+            raise NotConnected("down")
+        self.published.append((topic, payload, kw))
+
+
+def test_answers_are_queued_at_qos1_without_waiting_and_counted_as_queued(blobs):
+    blob_dir, data, sha = blobs
+    client = RecordingClient()
+    service = ArtifactService(client, ArtifactServer(DirectoryLookup(blob_dir)))  # type: ignore[arg-type]
+    service.start()
+    req_topic, inbox = topics.artifact_request(sha), topics.chunk_inbox(DEVICE, sha)
+
+    def ask(rid: str, offset: int) -> None:
+        req = messages.ChunkRequest(request_id=rid, sha256=sha, offset=offset, length=CHUNK, reply_to=inbox)
+        client.handlers[0](Message(topic=req_topic, payload=messages.encode(req), qos=1, retain=False))
+
+    ask("r1", 0)
+    ask("r2", CHUNK)
+    assert [(t, kw) for t, _, kw in client.published] == [(inbox, {"qos": 1, "wait": False})] * 2
+    got = messages.decode("chunk", client.published[1][1])
+    assert (got.request_id, got.offset, got.data) == ("r2", CHUNK, data[CHUNK:2 * CHUNK])
+    assert service.requests == service.answered == 2 and service.publish_failures == 0
+    assert service.served_offsets == {(sha, 0): 1, (sha, CHUNK): 1}
+    assert service.bytes_out == sum(len(p) for _, p, _ in client.published)
+
+    client.down = True  # no session: not queued, counted as a failure, nothing served
+    ask("r3", 2 * CHUNK)
+    assert service.requests == 3 and service.answered == 2 and service.publish_failures == 1
+    assert (sha, 2 * CHUNK) not in service.served_offsets
+    service.stop()
+    assert not client.handlers
