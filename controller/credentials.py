@@ -433,6 +433,17 @@ def mosquitto_acl(userdb: UserDB) -> str:
     return "\n".join(lines)
 
 
+# What a fleet needs from Mosquitto beyond its defaults. The controller acknowledges a
+# report only once it is stored (MQTT 3.1.1: the broker's max_inflight_messages is the
+# window, default 20), and a fleet reconnecting at once (10,000 births) or reports sent while
+# the controller restarts queue up at the broker for it (default max_queued_messages 1,000,
+# beyond which Mosquitto drops QoS 1 messages).
+MOSQUITTO_TUNING = (
+    "max_inflight_messages 1000",
+    "max_queued_messages 200000",
+)
+
+
 def mosquitto_files(userdb: UserDB, out_dir: str | os.PathLike[str], *, port: int = 1883, bind: str = "127.0.0.1",
                     run_as: Optional[str] = None) -> dict[str, Path]:
     """Write ``passwd``, ``acl`` and ``mosquitto.conf`` into ``out_dir``; returns their paths.
@@ -456,6 +467,7 @@ def mosquitto_files(userdb: UserDB, out_dir: str | os.PathLike[str], *, port: in
         f"persistence_location {out}/",
         "log_dest stderr",
         "connection_messages true",
+        *MOSQUITTO_TUNING,
     ]
     if run_as:
         conf.append(f"user {run_as}")

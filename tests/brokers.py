@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+from controller.credentials import MOSQUITTO_TUNING
+
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
 # A minimal MQTT 3.1.1 CONNECT (clean session, keepalive 10, client id "probe") and the
@@ -253,6 +255,7 @@ class MosquittoBroker(_Broker):
             "log_type notice",
             "log_type information",
             "connection_messages true",
+            *MOSQUITTO_TUNING,  # what `fleetctl broker mosquitto` ships
             *self.extra_lines,
         ]
         self.config_path.write_text("\n".join(lines) + "\n")
