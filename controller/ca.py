@@ -80,7 +80,7 @@ from edge_runtime.protocol.topics import check_id
 
 __all__ = [
     "ROLES", "Issued", "FleetCA", "CAError", "CAExists", "CAMissing", "CACorrupt", "CABusy", "CASpecError",
-    "CAPassphraseError", "read_ledger", "DEFAULT_DIR", "add_cli",
+    "CAPassphraseError", "read_ledger", "cli_passphrase", "DEFAULT_DIR", "add_cli",
 ]
 
 ROLES = ("device", "controller", "operator", "broker")
@@ -471,7 +471,8 @@ def _serial() -> int:
 # -- fleetctl ca ----------------------------------------------------------------------------
 
 
-def _passphrase(args: argparse.Namespace) -> Optional[str]:
+def cli_passphrase(args: argparse.Namespace) -> Optional[str]:
+    """The CA passphrase from ``--passphrase-file`` / ``--passphrase-env`` (None without either)."""
     from controller.cli import read_passphrase
     from controller.keys import PassphraseError
 
@@ -490,7 +491,7 @@ def _fs(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
-    ca = _fs(FleetCA.init, args.dir, common_name=args.common_name, valid_days=args.days, passphrase=_passphrase(args))
+    ca = _fs(FleetCA.init, args.dir, common_name=args.common_name, valid_days=args.days, passphrase=cli_passphrase(args))
     info = ca.info()
     if args.json:
         emit_json(info)
@@ -504,7 +505,7 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_issue(args: argparse.Namespace) -> int:
-    ca = FleetCA.open(args.dir, passphrase=_passphrase(args))
+    ca = FleetCA.open(args.dir, passphrase=cli_passphrase(args))
     issued = _fs(ca.issue, args.name, args.role, valid_days=args.days, hosts=args.host or ())
     paths = _fs(ca.write, issued, args.out)
     row = {"name": issued.name, "role": issued.role, "serial": f"{issued.serial:x}", "not_after": _iso(issued.not_after),
