@@ -7,8 +7,10 @@
 # secrets (device.key, broker.pass) 0640 and the rest 0644, so the agent can read them and
 # nobody else can read the secrets. Each file is copied to a temporary name beside its
 # target and renamed over it, config.toml last, so a reader sees the old file or the new
-# one. Ownership is left alone (and the script says so) when not run as root or when the
-# group does not exist. Then: systemctl restart edge-runtime.
+# one. The group is looked up in R/etc/group when R has one (install.sh --root R puts the
+# service user there), else in this system's groups. Ownership is left alone (and the
+# script says so) when not run as root or when the group does not exist. Then:
+# systemctl restart edge-runtime.
 set -eu
 
 usage() {
@@ -42,13 +44,22 @@ done
 
 dest="${root%/}/etc/edge-runtime"
 
+# The group's id from the root's own group file when it has one (install.sh --root R adds
+# the service user there), else from this system's.
+if [ -f "${root%/}/etc/group" ] && [ -n "$root" ]; then
+    groups_db="${root%/}/etc/group"
+    gid=$(awk -F: -v n="$group" '$1 == n {print $3}' "$groups_db")
+else
+    groups_db="this system's groups"
+    gid=$(getent group "$group" 2>/dev/null | cut -d: -f3) || gid=""
+fi
 chown_to=""
 if [ "$(id -u)" -ne 0 ]; then
     echo "not root: files keep your ownership (run as root to give them to root:$group)"
-elif ! getent group "$group" >/dev/null 2>&1; then
-    echo "group $group does not exist (run install.sh first): files stay owned by root"
+elif [ -z "$gid" ]; then
+    echo "group $group does not exist in $groups_db (run install.sh first): ownership left as it is"
 else
-    chown_to="root:$group"
+    chown_to="0:$gid"
 fi
 
 if [ ! -d "$dest" ]; then
@@ -64,7 +75,7 @@ install_file() {
     if [ -n "$chown_to" ]; then chown "$chown_to" "$tmp"; fi
     chmod "$2" "$tmp"
     mv -f "$tmp" "$dest/$1"
-    echo "  $dest/$1 ($2${chown_to:+, $chown_to})"
+    echo "  $dest/$1 ($2${chown_to:+, root:$group})"
 }
 
 trap 'rm -f "$dest"/.*.provision.$$' EXIT

@@ -119,6 +119,19 @@ def test_a_provisioned_bundle_validates_and_installs_with_the_right_modes(fleet:
     assert ("does not exist" in again.stdout) or ("not root" in again.stdout)
     assert {p.name: mode(p) for p in etc.iterdir()} == expected
 
+    # A staging root made by install.sh --root has its own etc/group with the service group.
+    staged = tmp_path / "staged"
+    (staged / "etc").mkdir(parents=True)
+    (staged / "etc" / "group").write_text("root:x:0:\nedgefleet:x:4242:\n")
+    applied = subprocess.run(["sh", str(APPLY), str(out), "--root", str(staged)], capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    staged_etc = staged / "etc" / "edge-runtime"
+    assert {p.name: mode(p) for p in staged_etc.iterdir()} == expected
+    if os.getuid() == 0:
+        assert {(staged_etc / name).stat().st_gid for name in expected} == {4242}
+        assert staged_etc.stat().st_gid == 4242 and mode(staged_etc) == 0o750
+
     if shutil.which("shellcheck"):
         lint = subprocess.run(["shellcheck", str(APPLY)], capture_output=True, text=True, timeout=60, check=False)
         assert lint.returncode == 0, lint.stdout
