@@ -12,6 +12,12 @@ console and the server (which validates with the same models) cannot drift.
         release = api.upload(path, "vision", "2", signature, health, progress=cb)
         api.subscribe_live([topics.all_devices("telemetry")], handler)
 
+Over mutual TLS (``mqtts://`` with ``ca_file``, ``cert_file``, ``key_file``: an
+``operator`` certificate of ``fleetctl ca issue``) the client id defaults to the
+certificate's name (CN): Mosquitto makes it the client id whatever the client sends
+(``controller/credentials.py``), so the reply topic must be named after it. Two consoles
+with one certificate at once displace each other on Mosquitto.
+
 The client subscribes to its reply topic and to the retained ``topics.CTL_STATE`` right
 after connecting (and again after a reconnect: sessions are clean), before any request
 goes out, so no answer can arrive before someone listens for it. Answers for other
@@ -57,7 +63,7 @@ from edge_runtime.protocol import messages, topics
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ApiClient", "ApiCallError", "BrokerUnavailable", "ControllerUnavailable", "InvalidParams",
+    "ApiClient", "ApiCallError", "BrokerUnavailable", "ControllerUnavailable", "InvalidParams", "certificate_name",
     "DEFAULT_BROKER", "new_client_id",
 ]
 
@@ -118,6 +124,25 @@ def new_client_id() -> str:
     return f"fleetctl-{secrets.token_hex(8)}"
 
 
+def certificate_name(path: Union[str, "os.PathLike[str]"]) -> str:
+    """The CN of the PEM certificate at ``path`` (a client's identity on a mutual-TLS broker).
+
+    Raises:
+        ValueError: unreadable, not a PEM certificate, or not exactly one CN.
+    """
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the client certificate {path}: {exc}") from None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise ValueError(f"client certificate {path} has {len(names)} common names, expected one")
+    return str(names[0].value)
+
+
 def validate_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     """``params`` as the JSON the server will validate again (defaults filled in).
 
@@ -142,12 +167,16 @@ class ApiClient:
     """
 
     def __init__(self, url: str = DEFAULT_BROKER, *, username: Optional[str] = None, password: Optional[str] = None,
-                 client_id: Optional[str] = None, timeout: float = 10) -> None:
+                 client_id: Optional[str] = None, timeout: float = 10, ca_file: Optional[str] = None,
+                 cert_file: Optional[str] = None, key_file: Optional[str] = None) -> None:
         if not timeout or timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
         self.url = url
         self.username = username
         self.password = password
+        self.ca_file, self.cert_file, self.key_file = ca_file, cert_file, key_file
+        if client_id is None and cert_file:
+            client_id = certificate_name(cert_file)
         self.client_id = topics.check_id(client_id or new_client_id(), "client id")
         self.timeout = float(timeout)
         self.reply_topic = topics.api_reply(self.client_id)
@@ -178,6 +207,7 @@ class ApiClient:
         hint = "check --broker, --username and --password-file"
         try:
             cfg = MqttConfig(url=self.url, client_id=self.client_id, username=self.username, password=self.password,
+                             ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file,
                              connect_timeout=self.timeout, operation_timeout=self.timeout)
         except ValueError as exc:
             raise BrokerUnavailable(f"invalid broker URL {self.url!r} ({exc}); {hint}", url=self.url) from None

@@ -13,7 +13,19 @@ receive), the amqtt config dict, the asyncio main, and the CLI. The rules themse
 
 A CONNECT is refused (CONNACK 5, not authorised) for an unknown user, a wrong password, a
 client id that is not a plain id (``+``, ``#``, ``/``, empty: amqtt would invent
-``amqtt/...``), or a device whose client id is not its username. A refused subscription
+``amqtt/...``), or a device whose client id is not its username.
+
+Mutual TLS (``--tls-ca/--tls-cert/--tls-key``, listener ``--bind-tls``, default
+127.0.0.1:8883): the TLS layer requires a client certificate that chains to the fleet CA
+(amqtt asks for one but accepts none: ``FleetBroker`` makes it CERT_REQUIRED, TLS 1.2 at
+least); no certificate or another CA's, and the handshake fails. The identity is the
+certificate, not the CONNECT: username = its CN, role = its OU (``device``,
+``controller``, ``operator`` = console; a ``broker`` certificate is no client), and a
+username or password in the CONNECT are ignored. The same ACLs follow, so a device whose
+client id is not its certificate's CN is refused at CONNECT. When the users file names the
+CN with another role, the CONNECT is refused too (one name, one role). (Mosquitto cannot
+read the OU nor refuse that client id; see ``controller/credentials.py``.) The plain
+listener runs beside the TLS one only when ``--bind`` is given. A refused subscription
 gets SUBACK 0x80 (MQTT 3.1.1; amqtt speaks nothing newer); a refused publish is dropped
 silently (3.1.1 has no negative PUBACK); a message a client may not receive is not sent.
 
@@ -38,10 +50,12 @@ amqtt 0.12.1 specifics, worked around here:
 CLI (``fleetctl broker`` runs the broker; the others are subcommands):
 
     fleetctl broker [--bind 127.0.0.1:1883] [--users FILE] [--data DIR] [--allow-anonymous]
+                    [--tls-ca CA.pem --tls-cert broker.pem --tls-key broker.key [--bind-tls 127.0.0.1:8883]]
     fleetctl broker user add NAME --role device|controller|console --users FILE [--password-file F]
     fleetctl broker user rm NAME --users FILE
     fleetctl broker user ls --users FILE [--json]
     fleetctl broker mosquitto --users FILE --out DIR [--bind 127.0.0.1:1883] [--run-as USER]
+                              [--tls-ca CA.pem --tls-cert broker.pem --tls-key broker.key]  (--bind default :8883)
 
 The users file is read at start-up: restart the broker after ``user add``/``rm``.
 """
@@ -54,6 +68,7 @@ import functools
 import importlib.util
 import logging
 import signal
+import ssl
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -61,14 +76,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from controller.credentials import (
-    ROLES, CredentialsError, UserDB, UsersFileError, acl_allows, client_id_allowed, generate_password,
-    mosquitto_files, to_json,
+    ROLES, TLS_MIN_VERSION, CredentialsError, TlsFiles, UserDB, UsersFileError, acl_allows, client_id_allowed,
+    generate_password, mosquitto_files, to_json,
 )
 from edge_runtime.console import emit_json, table
 
 log = logging.getLogger("edgefleet.broker")
 
 DEFAULT_BIND = "127.0.0.1:1883"
+DEFAULT_TLS_BIND = "127.0.0.1:8883"
 DB_FILE = "broker.sqlite"
 
 
@@ -113,10 +129,40 @@ class _UsersPlugin:
         self.users = _load_users(self.config.users_file)  # type: ignore[attr-defined]
 
 
+# A certificate's OU (controller/ca.py ROLES) -> the broker role it gets; "broker" gets none.
+CERT_ROLES = {"device": "device", "controller": "controller", "operator": "console"}
+# Where FleetAuthPlugin leaves a TLS client's role for FleetTopicPlugin (amqtt's
+# plugin-owned session attributes).
+ROLE_ATTRIBUTE = "edgefleet.role"
+
+
+def certificate_identity(ssl_object: Any) -> tuple[Optional[str], Optional[str], str]:
+    """(name, role, why) of a TLS peer: its certificate's CN and the role its OU maps to
+    (``CERT_ROLES``), or Nones and what is wrong. The TLS layer already verified the chain."""
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
+        return None, None, "no client certificate"
+    fields: dict[str, list[str]] = {}
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            fields.setdefault(key, []).append(value)
+    names, units = fields.get("commonName", []), fields.get("organizationalUnitName", [])
+    if len(names) != 1 or len(units) != 1:
+        return None, None, f"certificate subject needs exactly one CN and one OU, got {cert.get('subject')!r}"
+    role = CERT_ROLES.get(units[0])
+    if role is None:
+        return names[0], None, f"certificate role (OU) {units[0]!r} may not connect as a client"
+    return names[0], role, ""
+
+
 class FleetAuthPlugin(_UsersPlugin, BaseAuthPlugin):  # type: ignore[misc,valid-type]
-    """CONNECT: users from the users file, plain client ids, device client id = username."""
+    """CONNECT: users from the users file, plain client ids, device client id = username;
+    on a TLS listener, the client certificate instead of the username and password."""
 
     async def authenticate(self, *, session: Session) -> bool:  # type: ignore[override]
+        session.attributes.pop(ROLE_ATTRIBUTE, None)
+        if session.ssl_object is not None:
+            return self._authenticate_certificate(session)
         client_id, username = session.client_id, session.username
         if session.username is None:
             if self.config.allow_anonymous and client_id_allowed(None, None, client_id):
@@ -133,6 +179,24 @@ class FleetAuthPlugin(_UsersPlugin, BaseAuthPlugin):  # type: ignore[misc,valid-
             log.info("refused %r (user %r, role %s): a client id must be 1-64 of [A-Za-z0-9._-] "
                      "and a device's must equal its username", client_id, username, role)
             return False
+        return True
+
+    def _authenticate_certificate(self, session: Session) -> bool:
+        client_id = session.client_id
+        name, role, why = certificate_identity(session.ssl_object)
+        session.username, session.password = name, None  # the certificate is the identity
+        if role is None:
+            log.info("refused %r: %s", client_id, why)
+            return False
+        listed = self.users.role(name)
+        if listed is not None and listed != role:
+            log.info("refused %r: certificate %r says role %s, the users file says %s", client_id, name, role, listed)
+            return False
+        if not client_id_allowed(role, name, client_id):
+            log.info("refused %r (certificate %r, role %s): a client id must be 1-64 of [A-Za-z0-9._-] "
+                     "and a device's must equal its certificate name", client_id, name, role)
+            return False
+        session.attributes[ROLE_ATTRIBUTE] = role
         return True
 
 
@@ -153,8 +217,8 @@ class FleetTopicPlugin(_UsersPlugin, BaseTopicPlugin):  # type: ignore[misc,vali
             # Only authenticated sessions get here: anonymous ones exist only with
             # --allow-anonymous, a development broker without ACLs.
             return bool(self.config.allow_anonymous)
-        allowed = _acl_allows_cached(self.users.role(session.username), session.username, session.client_id,
-                                     str(action.value), topic)
+        role = session.attributes.get(ROLE_ATTRIBUTE) or self.users.role(session.username)
+        allowed = _acl_allows_cached(role, session.username, session.client_id, str(action.value), topic)
         if not allowed:
             log.info("denied %s %r to %r (user %r)", action.value, topic, session.client_id, session.username)
         return allowed
@@ -359,6 +423,29 @@ class FleetBroker(Broker):  # type: ignore[misc,valid-type]
         super().__init__(*args, **kwargs)
         self._subscriptions = _SubscriptionTable(self._subscriptions)
 
+    @staticmethod
+    def _create_ssl_context(listener: Any) -> ssl.SSLContext:
+        """amqtt's context (the listener's CA, certificate and key) with a client
+        certificate required: amqtt asks for one (CERT_OPTIONAL) and lets in who has none."""
+        context = Broker._create_ssl_context(listener)
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: Any,
+                                         remote_port: Any) -> Any:
+        """amqtt's, plus this connection's TLS object on the session. amqtt 0.12.1 hands a
+        client that resumes a persistent session (clean session off) the stored ``Session``
+        with the TLS object of the connection that made it, so the authentication read
+        another connection's certificate: a device resuming its own session after a
+        reconnect was refused, and a client naming a session whose owner was still
+        connected was accepted as the owner (dev-1's certificate resumed dev-2's session).
+        Still amqtt's: a refused client that names a connected persistent session closes
+        the owner's connection before it is refused (as on the password listener)."""
+        handler, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
+        session.ssl_object = writer.get_ssl_info()
+        return handler, session
+
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
         """One queued message to its subscribers: amqtt 0.12.1's rules, with the matching
         filters looked up in the index instead of tested one by one, and no debug text
@@ -431,7 +518,7 @@ class FleetBroker(Broker):  # type: ignore[misc,valid-type]
 # -- config and main ---------------------------------------------------------------------
 
 
-def parse_bind(bind: str) -> tuple[str, int]:
+def parse_bind(bind: str, option: str = "--bind") -> tuple[str, int]:
     """(host, port) of ``HOST:PORT``.
 
     Raises:
@@ -439,7 +526,7 @@ def parse_bind(bind: str) -> tuple[str, int]:
     """
     host, sep, port = bind.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BrokerConfigError(f"--bind {bind!r}: expected HOST:PORT, e.g. {DEFAULT_BIND}")
+        raise BrokerConfigError(f"{option} {bind!r}: expected HOST:PORT, e.g. {DEFAULT_BIND}")
     return host.strip("[]"), int(port)
 
 
@@ -448,17 +535,33 @@ def persistence_available() -> bool:
     return importlib.util.find_spec("aiosqlite") is not None
 
 
-def broker_config(bind: str, users_file: Optional[Path], data_dir: Optional[Path],
-                  allow_anonymous: bool) -> dict[str, Any]:
-    """amqtt's config dict: one TCP listener on ``bind``, the fleet plugins and, with a
-    ``data_dir`` and aiosqlite, retained messages and sessions in ``data_dir/broker.sqlite``.
+def broker_config(bind: Optional[str], users_file: Optional[Path], data_dir: Optional[Path],
+                  allow_anonymous: bool, *, tls: Optional[TlsFiles] = None, bind_tls: str = DEFAULT_TLS_BIND) -> dict[str, Any]:
+    """amqtt's config dict: a TCP listener on ``bind`` (None: none, only with ``tls``), with
+    ``tls`` a mutual-TLS one on ``bind_tls``, the fleet plugins and, with a ``data_dir`` and
+    aiosqlite, retained messages and sessions in ``data_dir/broker.sqlite``.
 
     Raises:
-        BrokerConfigError: neither users nor anonymous access, or a bad ``bind``.
+        BrokerConfigError: neither users nor anonymous access nor TLS, no listener, or a
+            bad ``bind``/``bind_tls``.
         UsersFileError: the users file cannot be read.
+        BadTlsFiles: a TLS file is missing.
     """
-    parse_bind(bind)
-    if users_file is None and not allow_anonymous:
+    # amqtt needs a listener named "default" (the others inherit its unset fields; without
+    # a bind of its own it would listen on 0.0.0.0:1883): the plain one, else the TLS one.
+    listeners: dict[str, Any] = {}
+    if bind is not None:
+        parse_bind(bind)
+        listeners["default"] = {"type": "tcp", "bind": bind}
+    if tls is not None:
+        parse_bind(bind_tls, "--bind-tls")
+        files = tls.checked()
+        listeners["tls" if listeners else "default"] = {
+            "type": "tcp", "bind": bind_tls, "ssl": True, "cafile": str(files.ca_file),
+            "certfile": str(files.cert_file), "keyfile": str(files.key_file)}
+    if not listeners:
+        raise BrokerConfigError("no listener: give --bind HOST:PORT or the TLS files (--tls-ca/--tls-cert/--tls-key)")
+    if users_file is None and not allow_anonymous and bind is not None:
         raise BrokerConfigError(
             "no users: give --users FILE (create one with 'fleetctl broker user add NAME --role ROLE "
             "--users FILE') or, for a development broker without ACLs, --allow-anonymous")
@@ -475,11 +578,13 @@ def broker_config(bind: str, users_file: Optional[Path], data_dir: Optional[Path
             # Its default wipes the database on a clean stop: we want the opposite.
             "clear_on_shutdown": False,
         }
-    return {"listeners": {"default": {"type": "tcp", "bind": bind}}, "plugins": plugins}
+    return {"listeners": listeners, "plugins": plugins}
 
 
-async def run_broker(bind: str = DEFAULT_BIND, *, users_file: Optional[Path] = None, data_dir: Optional[Path] = None,
-                     allow_anonymous: bool = False, stop: Optional[asyncio.Event] = None) -> None:
+async def run_broker(bind: Optional[str] = DEFAULT_BIND, *, users_file: Optional[Path] = None,
+                     data_dir: Optional[Path] = None, allow_anonymous: bool = False,
+                     stop: Optional[asyncio.Event] = None, tls: Optional[TlsFiles] = None,
+                     bind_tls: str = DEFAULT_TLS_BIND) -> None:
     """Run the broker until SIGTERM/SIGINT (or ``stop`` is set), then shut it down cleanly.
 
     Raises:
@@ -488,7 +593,7 @@ async def run_broker(bind: str = DEFAULT_BIND, *, users_file: Optional[Path] = N
     """
     if data_dir is not None:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
-    config = broker_config(bind, users_file, data_dir, allow_anonymous)
+    config = broker_config(bind, users_file, data_dir, allow_anonymous, tls=tls, bind_tls=bind_tls)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -500,7 +605,8 @@ async def run_broker(bind: str = DEFAULT_BIND, *, users_file: Optional[Path] = N
         if data_dir is not None and not persisted:
             log.warning("aiosqlite is not installed: retained messages and sessions are kept in memory only")
         users = len(UserDB.load(users_file)) if users_file else 0
-        print(f"fleetctl broker: listening on mqtt://{bind} ({users} users"
+        urls = ([f"mqtt://{bind}"] if bind is not None else []) + ([f"mqtts://{bind_tls} (client certificates)"] if tls else [])
+        print(f"fleetctl broker: listening on {' and '.join(urls)} ({users} users"
               f"{', anonymous allowed' if allow_anonymous else ''}"
               f"{', persisted in ' + str(Path(data_dir) / DB_FILE) if persisted else ', in memory'})",
               file=sys.stderr, flush=True)
@@ -515,9 +621,28 @@ async def run_broker(bind: str = DEFAULT_BIND, *, users_file: Optional[Path] = N
 # -- CLI ---------------------------------------------------------------------------------
 
 
+def _tls_files(args: argparse.Namespace) -> Optional[TlsFiles]:
+    """The --tls-ca/--tls-cert/--tls-key files, or None when none is given.
+
+    Raises:
+        BrokerConfigError: some but not all of them.
+    """
+    given = [args.tls_ca, args.tls_cert, args.tls_key]
+    if not any(given):
+        return None
+    if not all(given):
+        raise BrokerConfigError("TLS needs all of --tls-ca (the fleet CA), --tls-cert and --tls-key (the broker's "
+                                "certificate and key: 'fleetctl ca issue NAME --role broker --host HOST')")
+    return TlsFiles(args.tls_ca, args.tls_cert, args.tls_key)
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     try:
-        broker_config(args.bind, args.users, args.data, args.allow_anonymous)  # usage errors: exit 2
+        tls = _tls_files(args)
+        if args.bind is None and tls is None:
+            args.bind = DEFAULT_BIND
+        broker_config(args.bind, args.users, args.data, args.allow_anonymous, tls=tls,
+                      bind_tls=args.bind_tls)  # usage errors: exit 2
     except BrokerConfigError as exc:
         print(f"fleetctl broker: {exc}", file=sys.stderr)
         return 2
@@ -525,9 +650,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(run_broker(args.bind, users_file=args.users, data_dir=args.data,
-                               allow_anonymous=args.allow_anonymous))
+                               allow_anonymous=args.allow_anonymous, tls=tls, bind_tls=args.bind_tls))
     except OSError as exc:
-        print(f"fleetctl broker: cannot listen on {args.bind}: {exc}", file=sys.stderr)
+        where = " and ".join(b for b in (args.bind, tls and args.bind_tls) if b)
+        print(f"fleetctl broker: cannot listen on {where}: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -582,21 +708,33 @@ def cmd_user_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_mosquitto(args: argparse.Namespace) -> int:
-    host, port = parse_bind(args.bind)
-    paths = mosquitto_files(UserDB.load(args.users), args.out, port=port, bind=host, run_as=args.run_as)
+    tls = _tls_files(args)
+    host, port = parse_bind(args.bind or (DEFAULT_TLS_BIND if tls else DEFAULT_BIND))
+    paths = mosquitto_files(UserDB.load(args.users), args.out, port=port, bind=host, run_as=args.run_as, tls=tls)
     if args.json:
         emit_json({k: str(v) for k, v in paths.items()})
     else:
-        print(f"wrote {paths['passwd']}, {paths['acl']} and {paths['conf']}; run: mosquitto -c {paths['conf']}")
+        print(f"wrote {', '.join(str(v) for v in paths.values())}; run: mosquitto -c {paths['conf']}")
     return 0
+
+
+def _add_tls_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", type=Path, metavar="CA.pem",
+                   help="mutual TLS: client certificates must chain to this CA (the fleet CA's ca.pem)")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="mutual TLS: the broker's certificate")
+    p.add_argument("--tls-key", type=Path, metavar="KEY", help="mutual TLS: the broker's private key")
 
 
 def add_cli(sub: Any, models: Any) -> None:
     """Register ``fleetctl broker`` (runs the broker) and its ``user``/``mosquitto`` subcommands."""
     p = sub.add_parser("broker", help="run the embedded MQTT broker; manage its users; write a Mosquitto config",
                        description="Without a subcommand: run the embedded amqtt broker with fleet ACLs.")
-    p.add_argument("--bind", default=DEFAULT_BIND, metavar="HOST:PORT", help=f"listen address (default {DEFAULT_BIND})")
+    p.add_argument("--bind", default=None, metavar="HOST:PORT",
+                   help=f"plain listener (default {DEFAULT_BIND}; with TLS files: none unless given)")
     p.add_argument("--users", type=Path, metavar="FILE", help="the users file ('fleetctl broker user add' makes it)")
+    _add_tls_options(p)
+    p.add_argument("--bind-tls", default=DEFAULT_TLS_BIND, metavar="HOST:PORT",
+                   help=f"the mutual-TLS listener, with the TLS files (default {DEFAULT_TLS_BIND})")
     p.add_argument("--data", type=Path, metavar="DIR",
                    help=f"keep retained messages and sessions in DIR/{DB_FILE} (needs aiosqlite)")
     p.add_argument("--allow-anonymous", action="store_true",
@@ -627,8 +765,10 @@ def add_cli(sub: Any, models: Any) -> None:
     q = actions.add_parser("mosquitto", help="write passwd, acl and mosquitto.conf for the same users and rules")
     q.add_argument("--users", type=Path, required=True, metavar="FILE")
     q.add_argument("--out", type=Path, required=True, metavar="DIR")
-    q.add_argument("--bind", default=DEFAULT_BIND, metavar="HOST:PORT")
+    q.add_argument("--bind", default=None, metavar="HOST:PORT",
+                   help=f"the listener (default {DEFAULT_BIND}, with the TLS files {DEFAULT_TLS_BIND})")
     q.add_argument("--run-as", metavar="USER", help="the account Mosquitto switches to when started as root")
+    _add_tls_options(q)
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_mosquitto)
 

@@ -2,6 +2,12 @@
 
     fleetctl serve --broker URL --db URL --keys DIR [--data DIR] [--shared [GROUP]]
                    [--metrics-port N] [--instance ID] [--username U --password-file F]
+                   [--tls-ca CA.pem --tls-cert ctl.pem --tls-key ctl.key]   (mqtts:// brokers)
+
+Over mutual TLS (``mqtts://`` and a ``controller`` certificate of ``fleetctl ca issue``)
+the broker takes the certificate's name as the identity. Mosquitto (``use_username_as_clientid``)
+also makes it the client id, so the persistent session is the certificate's, not
+``ctl-INSTANCE``: give each replica its own certificate.
 
 What runs where:
 
@@ -93,6 +99,9 @@ class ServeConfig:
     retention_s: float = 7 * 86400
     api_threads: int = 4
     persistent_session: bool = False  # see the module docstring: needs a stable instance, no share group
+    ca_file: Optional[str] = None  # mqtts://: the fleet CA (checks the broker) ...
+    cert_file: Optional[str] = None  # ... and this controller's certificate and key
+    key_file: Optional[str] = None
 
 
 class Controller:
@@ -110,6 +119,7 @@ class Controller:
         self.store = Store.open(cfg.db)
         self.client = MqttClient(MqttConfig(
             url=cfg.broker, client_id=f"ctl-{cfg.instance}", username=cfg.username, password=cfg.password,
+            ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file,
             will=Will(topic=topics.CTL_STATE, payload=self._ctl_state(False), qos=1, retain=True),
             keepalive=15, reconnect_max_delay=10.0, manual_ack=True,
             clean_start=not (cfg.persistent_session and cfg.share_group is None),
@@ -296,7 +306,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         password=_read_secret(args.password_file, "password"), passphrase=passphrase, tick_s=args.tick,
         desired_valid_for=timedelta(seconds=args.desired_validity), retention_s=args.retention,
         persistent_session=args.instance is not None,
+        ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key,
     )
+    try:  # the TLS options against the URL (mqtts://, certificate and key together), before anything starts
+        MqttConfig(url=cfg.broker, ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file)
+    except ValueError as exc:
+        raise EdgeRuntimeError(f"--broker/--tls-*: {exc}") from None
     controller = Controller(cfg)
     stop = threading.Event()
 
@@ -339,6 +354,11 @@ def add_cli(sub: Any, models: Any) -> None:
                         "its session: reports sent while it is down are delivered when it returns")
     p.add_argument("--username", default=os.environ.get("FLEETCTL_USERNAME"), metavar="USER")
     p.add_argument("--password-file", default=os.environ.get("FLEETCTL_PASSWORD_FILE"), metavar="FILE")
+    p.add_argument("--tls-ca", default=os.environ.get("FLEETCTL_TLS_CA"), metavar="CA.pem",
+                   help="mqtts://: the fleet CA that signed the broker's certificate")
+    p.add_argument("--tls-cert", default=os.environ.get("FLEETCTL_TLS_CERT"), metavar="PEM",
+                   help="mqtts://: this controller's client certificate (fleetctl ca issue NAME --role controller)")
+    p.add_argument("--tls-key", default=os.environ.get("FLEETCTL_TLS_KEY"), metavar="KEY", help="its private key")
     p.add_argument("--passphrase-file", default=None, metavar="FILE", help="opens encrypted signing keys")
     p.add_argument("--passphrase-env", default=None, metavar="VAR")
     p.add_argument("--tick", type=duration, default=1.0, metavar="S", help="rollout tick (default 1s)")

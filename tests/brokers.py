@@ -22,6 +22,7 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -53,26 +54,28 @@ def mosquitto_binary() -> Optional[str]:
     return shutil.which("mosquitto")
 
 
-def mqtt_ping(host: str, port: int, timeout: float = 1.0) -> Optional[int]:
+def mqtt_ping(host: str, port: int, timeout: float = 1.0, *, ssl_context: Optional[ssl.SSLContext] = None) -> Optional[int]:
     """The CONNACK return code ``host:port`` answers an anonymous MQTT CONNECT with
-    (0 = accepted, 5 = not authorised, ...), or None when nothing answers like a broker."""
+    (0 = accepted, 5 = not authorised, ...), or None when nothing answers like a broker.
+    ``ssl_context``: over TLS (a mutual-TLS listener needs it to hold a client certificate)."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            s.sendall(_CONNECT)
-            data = b""
-            while len(data) < 4:
-                chunk = s.recv(4 - len(data))
-                if not chunk:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with (ssl_context.wrap_socket(raw, server_hostname=host) if ssl_context is not None else raw) as s:
+                s.settimeout(timeout)
+                s.sendall(_CONNECT)
+                data = b""
+                while len(data) < 4:
+                    chunk = s.recv(4 - len(data))
+                    if not chunk:
+                        return None
+                    data += chunk
+                if data[0] != 0x20:
                     return None
-                data += chunk
-            if data[0] != 0x20:
-                return None
-            try:
-                s.sendall(_DISCONNECT)
-            except OSError:
-                pass
-            return data[3]
+                try:
+                    s.sendall(_DISCONNECT)
+                except OSError:
+                    pass
+                return data[3]
     except OSError:
         return None
 
@@ -94,6 +97,7 @@ class _Broker:
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.log_path = self.workdir / f"{self.name}.log"
         self.starts = 0
+        self.ping_ssl_context: Optional[ssl.SSLContext] = None  # set for a TLS-only broker: start() probes over TLS
 
     @property
     def url(self) -> str:
@@ -126,7 +130,7 @@ class _Broker:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise BrokerError(f"{self.name} exited with {self.proc.returncode} at start:\n{self.log_tail()}")
-            if mqtt_ping(self.host, self.port, timeout=0.5) is not None:
+            if mqtt_ping(self.host, self.port, timeout=0.5, ssl_context=self.ping_ssl_context) is not None:
                 return self
             time.sleep(0.02)
         self.kill()
