@@ -64,13 +64,14 @@ class Pki:
     ca_file: Path
     certs: dict[str, tuple[Path, Path]]  # name -> (cert, key), issued by the fleet CA
     foreign: tuple[Path, Path]  # a "dev-1" device certificate from another CA
+    impostor: tuple[Path, Path]  # a *device* certificate named "ctl-a", a controller in the users file
     users: Path  # the users file: the roles of the controllers and consoles
 
-    def context(self, name: Optional[str] = None, *, foreign: bool = False) -> ssl.SSLContext:
+    def context(self, name: Optional[str] = None, *, foreign: bool = False, impostor: bool = False) -> ssl.SSLContext:
         """A client TLS context trusting the fleet CA, with ``name``'s certificate (or none)."""
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
-        if foreign:
-            ctx.load_cert_chain(*map(str, self.foreign))
+        if foreign or impostor:
+            ctx.load_cert_chain(*map(str, self.foreign if foreign else self.impostor))
         elif name is not None:
             ctx.load_cert_chain(*map(str, self.certs[name]))
         return ctx
@@ -93,13 +94,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         certs[name] = (paths["cert"], paths["key"])
     other = FleetCA.init(base / "other-ca", common_name="someone else's CA")
     foreign = other.write(other.issue("dev-1", "device"), base / "foreign")
+    impostor = ca.write(ca.issue("ctl-a", "device"), base / "impostor")
     users = UserDB(base / "users.json")
     for name in CONTROLLERS:
         users.add(name, "controller", generate_password())
     for name in CONSOLES:
         users.add(name, "console", generate_password())
     users.save()
-    return Pki(ca.ca_file, certs, (foreign["cert"], foreign["key"]), users.path)
+    return Pki(ca.ca_file, certs, (foreign["cert"], foreign["key"]), (impostor["cert"], impostor["key"]), users.path)
 
 
 # -- the brokers ---------------------------------------------------------------------------
@@ -339,6 +341,14 @@ def test_a_device_certificate_under_another_client_id(broker: TlsBroker, pki: Pk
     liar.publish(topics.telemetry("dev-1"), own)
     ctl.wait_for(topics.telemetry("dev-1"), own)
     assert not ctl.got(topics.telemetry("dev-2"), forged)
+
+
+def test_one_name_in_two_roles(broker: TlsBroker, pki: Pki) -> None:
+    """A device certificate named like a controller of the users file: amqtt reads the
+    certificate's role (OU) and refuses the conflict; Mosquitto cannot read the OU, so the
+    name's users-file role applies -- the fleet CA must never issue one name twice."""
+    code = connack(broker, pki.context(impostor=True), "ctl-a")
+    assert code == (5 if broker.name == "amqtt" else 0)
 
 
 # -- what each may do ----------------------------------------------------------------------
