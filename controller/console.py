@@ -2,7 +2,10 @@
 print. Every command takes ``--json`` (one JSON document on stdout, for scripts; ``telemetry
 tail --json`` prints one object per line) and the connection options ``--broker URL``
 ($FLEETCTL_BROKER, default mqtt://127.0.0.1:1883), ``--username`` ($FLEETCTL_USERNAME),
-``--password-file`` ($FLEETCTL_PASSWORD_FILE) and ``--timeout S`` (default 10).
+``--password-file`` ($FLEETCTL_PASSWORD_FILE), for an ``mqtts://`` broker with mutual TLS
+``--tls-ca``/``--tls-cert``/``--tls-key`` ($FLEETCTL_TLS_CA, $FLEETCTL_TLS_CERT,
+$FLEETCTL_TLS_KEY: an operator certificate from ``fleetctl ca issue NAME --role operator``),
+and ``--timeout S`` (default 10).
 
     fleetctl models push FILE --name N --version V [--health-sample [NAME=]x.npy ...] [--atol A] [--rtol R]
     fleetctl models ls [--model M]
@@ -189,6 +192,10 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument("--broker", metavar="URL", help=f"MQTT broker (default $FLEETCTL_BROKER or {DEFAULT_BROKER})")
     g.add_argument("--username", metavar="NAME", help="MQTT user name (default $FLEETCTL_USERNAME)")
     g.add_argument("--password-file", metavar="FILE", help="file holding the MQTT password (default $FLEETCTL_PASSWORD_FILE)")
+    g.add_argument("--tls-ca", metavar="FILE", help="CA certificate of an mqtts:// broker (default $FLEETCTL_TLS_CA)")
+    g.add_argument("--tls-cert", metavar="FILE",
+                   help="client certificate for mutual TLS, e.g. an operator's (default $FLEETCTL_TLS_CERT)")
+    g.add_argument("--tls-key", metavar="FILE", help="its private key (default $FLEETCTL_TLS_KEY)")
     g.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT, metavar="S",
                    help=f"seconds to wait for the broker and each answer (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--json", action="store_true", help="print one JSON document (for scripts)")
@@ -210,7 +217,18 @@ def connect(args: argparse.Namespace) -> ApiClient:
             password = Path(pw_file).read_text(encoding="utf-8").rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConsoleError(f"cannot read the password file {pw_file} ({exc}); give a readable UTF-8 file") from None
-    return ApiClient(url, username=username, password=password, timeout=args.timeout)
+    tls = {name: getattr(args, f"tls_{name}", None) or os.environ.get(f"FLEETCTL_TLS_{name.upper()}") or None
+           for name in ("ca", "cert", "key")}
+    if bool(tls["cert"]) != bool(tls["key"]):
+        raise ConsoleError("--tls-cert and --tls-key go together: give both (or $FLEETCTL_TLS_CERT and "
+                           "$FLEETCTL_TLS_KEY) or neither")
+    if any(tls.values()) and not url.startswith("mqtts://"):
+        raise ConsoleError(f"TLS files were given but the broker URL {url} is not mqtts://; use mqtts://HOST:8883")
+    for name, path in tls.items():
+        if path and not Path(path).is_file():
+            raise ConsoleError(f"--tls-{name}: no such file {path}")
+    return ApiClient(url, username=username, password=password, timeout=args.timeout, ca_file=tls["ca"],
+                     cert_file=tls["cert"], key_file=tls["key"])
 
 
 def _stdout() -> Any:

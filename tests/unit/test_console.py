@@ -146,6 +146,31 @@ def test_connection_options_default_to_the_environment(monkeypatch: pytest.Monke
         console.connect(build_parser().parse_args(["devices"]))
 
 
+def test_tls_options_and_their_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from controller.ca import FleetCA
+
+    ca = FleetCA.init(tmp_path / "ca")
+    files = ca.write(ca.issue("ops-alice", "operator"), tmp_path / "pki")
+    args = build_parser().parse_args(["devices", "--broker", "mqtts://b:8883", "--tls-ca", str(ca.ca_file),
+                                      "--tls-cert", str(files["cert"]), "--tls-key", str(files["key"])])
+    api = console.connect(args)
+    assert (api.ca_file, api.cert_file, api.key_file) == (str(ca.ca_file), str(files["cert"]), str(files["key"]))
+    assert api.client_id == "ops-alice"  # the identity a mutual-TLS broker takes from the certificate
+    monkeypatch.setenv("FLEETCTL_BROKER", "mqtts://b:8883")
+    monkeypatch.setenv("FLEETCTL_TLS_CA", str(ca.ca_file))
+    monkeypatch.setenv("FLEETCTL_TLS_CERT", str(files["cert"]))
+    monkeypatch.setenv("FLEETCTL_TLS_KEY", str(files["key"]))
+    assert console.connect(build_parser().parse_args(["devices"])).cert_file == str(files["cert"])
+    monkeypatch.delenv("FLEETCTL_TLS_KEY")
+    with pytest.raises(console.ConsoleError, match="go together"):
+        console.connect(build_parser().parse_args(["devices"]))
+    monkeypatch.delenv("FLEETCTL_TLS_CERT")
+    with pytest.raises(console.ConsoleError, match="not mqtts"):
+        console.connect(build_parser().parse_args(["devices", "--broker", "mqtt://b:1883"]))
+    with pytest.raises(console.ConsoleError, match="no such file"):
+        console.connect(build_parser().parse_args(["devices", "--tls-ca", str(tmp_path / "missing.pem")]))
+
+
 def test_unreadable_password_file_is_an_error_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["devices", "--password-file", str(tmp_path / "nope"), "--json"]) == 1
     cap = capsys.readouterr()
