@@ -33,6 +33,13 @@ Every file goes through ``durable.atomic_write_bytes``. ``init`` writes ``ca.key
 then ``ca.pem``: a crash between them leaves no usable CA and ``init`` says what to remove.
 ``issue`` appends to the ledger by rewriting it atomically under the lock.
 
+One name, one role: ``issue`` refuses a name the ledger already holds under another role
+(``CANameTaken``), checked under the lock. A broker that takes the certificate's CN as the
+user name (Mosquitto's ``use_identity_as_username``) cannot read the OU, so a device
+certificate named like a controller would get the controller's rights. Issuing the same
+name in the same role again (renewal, re-provisioning) is allowed. The ledger is the only
+record of names, so ``issue`` refuses to guess past a ledger it cannot read (``CACorrupt``).
+
 Errors (all ``CAError``, ``code = "ca_error"``; ``reason`` tells them apart)::
 
     EdgeRuntimeError
@@ -41,6 +48,8 @@ Errors (all ``CAError``, ``code = "ca_error"``; ``reason`` tells them apart)::
           ├── CAMissing           missing            no CA here: run ``fleetctl ca init`` first
           ├── CACorrupt           corrupt            a file does not hold what it should: restore it
           ├── CABusy              busy               another init/issue holds the lock: retry
+          ├── CANameTaken         name_taken         the name is in the ledger under another role:
+                                                     choose another name
           ├── CASpecError         invalid            a bad name, role, host or validity: fix the arguments
           └── CAPassphraseError   passphrase         empty, missing (``passphrase_required``) or
                                                      wrong (``wrong_passphrase``) passphrase
@@ -79,8 +88,8 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.protocol.topics import check_id
 
 __all__ = [
-    "ROLES", "Issued", "FleetCA", "CAError", "CAExists", "CAMissing", "CACorrupt", "CABusy", "CASpecError",
-    "CAPassphraseError", "read_ledger", "cli_passphrase", "DEFAULT_DIR", "add_cli",
+    "ROLES", "Issued", "FleetCA", "CAError", "CAExists", "CAMissing", "CACorrupt", "CABusy", "CANameTaken",
+    "CASpecError", "CAPassphraseError", "read_ledger", "cli_passphrase", "DEFAULT_DIR", "add_cli",
 ]
 
 ROLES = ("device", "controller", "operator", "broker")
@@ -126,6 +135,17 @@ class CACorrupt(CAError):
 class CABusy(CAError):
     reason = "busy"
     http_status = 409
+
+
+class CANameTaken(CAError):
+    """The name already has certificates in another role (``role`` and ``serial`` say which)."""
+
+    reason = "name_taken"
+    http_status = 409
+
+    def __init__(self, message: str, *, name: str, role: str, serial: Optional[str]) -> None:
+        super().__init__(message)
+        self.name, self.role, self.serial = name, role, serial
 
 
 class CASpecError(CAError):
@@ -217,11 +237,24 @@ def read_ledger(directory: PathLike) -> list[dict[str, Any]]:
     if not (d / CA_CERT).exists():
         raise CAMissing(f"{d} holds no {CA_CERT}; run `fleetctl ca init --dir {d}` or point --dir at the CA")
     try:
-        text = (d / LEDGER).read_text(encoding="utf-8")
+        data = (d / LEDGER).read_bytes()
     except FileNotFoundError:
         return []
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise CACorrupt(f"cannot read {d / LEDGER} ({exc})") from exc
+    return _parse_ledger(data, d / LEDGER)
+
+
+def _parse_ledger(data: bytes, path: Path) -> list[dict[str, Any]]:
+    """The ledger's rows (``data``: the bytes of ``path``).
+
+    Raises:
+        CACorrupt: not UTF-8, or a line is not a JSON object.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CACorrupt(f"cannot read {path} ({exc})") from exc
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -231,7 +264,7 @@ def read_ledger(directory: PathLike) -> list[dict[str, Any]]:
         except ValueError:
             row = None
         if not isinstance(row, dict):
-            raise CACorrupt(f"{d / LEDGER} line {n} is not a JSON object; fix or remove that line")
+            raise CACorrupt(f"{path} line {n} is not a JSON object; fix or remove that line")
         rows.append(row)
     return rows
 
@@ -388,6 +421,8 @@ class FleetCA:
         Raises:
             CASpecError: a bad name, role, validity or host; ``hosts`` for a role other than
                 broker, or none for a broker (clients check the broker's name against them).
+            CANameTaken: the ledger holds ``name`` under another role (nothing is recorded).
+            CACorrupt: the ledger cannot be read, so the names in it cannot be checked.
             CABusy: another process is writing the ledger.
             OSError: the ledger cannot be written (the certificate is then not returned).
         """
@@ -442,6 +477,7 @@ class FleetCA:
                 old = path.read_bytes()
             except FileNotFoundError:
                 old = b""
+            _check_one_role(_parse_ledger(old, path), row["name"], row["role"])
             if old and not old.endswith(b"\n"):
                 old += b"\n"
             atomic_write_bytes(path, old + json.dumps(row, sort_keys=True).encode() + b"\n", mode=0o644)
@@ -461,6 +497,19 @@ class FleetCA:
         atomic_write_bytes(paths["key"], issued.key_pem, mode=0o600)
         atomic_write_bytes(paths["cert"], issued.cert_pem, mode=0o644)
         return paths
+
+
+def _check_one_role(rows: Sequence[dict[str, Any]], name: str, role: str) -> None:
+    """Raises CANameTaken when ``rows`` (the ledger) hold ``name`` in a role other than ``role``."""
+    other = next((r for r in rows if r.get("name") == name and r.get("role") != role), None)
+    if other is None:
+        return
+    taken, serial = str(other.get("role")), other.get("serial")
+    raise CANameTaken(
+        f"{name} already has a {taken} certificate (serial {serial}, issued {other.get('issued_at', '?')}); a {role} "
+        f"certificate of the same name would get the {taken}'s broker rights, since the broker takes the identity "
+        f"from the certificate's name and cannot see its role — choose another name for the {role}",
+        name=name, role=taken, serial=None if serial is None else str(serial))
 
 
 def _serial() -> int:

@@ -3,7 +3,8 @@ fleet, as a directory that ``firmware_scripts/provision-apply.sh`` installs on t
 
     fleetctl provision DEVICE_ID --group G [--group G2] --out DIR --broker mqtts://HOST:8883
                        [--ca DIR] [--keys DIR] [--users FILE] [--tier edge|cloud] [--days N]
-                       [--register URL [--username U] [--password-file F] [--timeout S]]
+                       [--register URL [--username U] [--password-file F] [--timeout S]
+                                       [--tls-ca CA.pem --tls-cert PEM --tls-key KEY]]
                        [--passphrase-file F | --passphrase-env VAR] [--force] [--json]
 
 The bundle (``DIR``, 0700), each file as it goes to ``/etc/edge-runtime/`` on the device::
@@ -23,7 +24,11 @@ anything is issued (URL, ids, groups), and again on the finished bundle with eac
 config its agent refuses. The files are written into a temporary directory beside ``DIR``
 and moved in with ``config.toml`` last; the users file is updated after the bundle is in
 place, the controller registration (``--register``: ``devices.add`` through the console
-API, idempotent) last of all.
+API, idempotent) last of all. Registration connects like every console command
+(``console.connect``): ``--tls-ca/--tls-cert/--tls-key`` (or ``$FLEETCTL_TLS_CA``,
+``$FLEETCTL_TLS_CERT``, ``$FLEETCTL_TLS_KEY``) reach a mutual-TLS broker with an operator
+certificate from the fleet CA. (``--ca`` is the fleet CA's *directory*, which issues the
+device's certificate; ``--tls-ca`` is the CA *file* the console checks the broker with.)
 
 Errors: ``ProvisionError`` (``code = "provision_error"``) for what is wrong with the
 request or the output directory; the CA's, the key directory's, the users file's and the
@@ -39,7 +44,7 @@ import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from controller.ca import DEFAULT_DIR as DEFAULT_CA_DIR
 from controller.ca import FleetCA, cli_passphrase
@@ -48,6 +53,9 @@ from edge_runtime.console import emit_json, positive_int
 from edge_runtime.durable import atomic_write_bytes, fsync_dir
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.protocol.topics import check_id
+
+if TYPE_CHECKING:
+    from controller.apiclient import ApiClient
 
 __all__ = ["ProvisionError", "provision", "device_config", "BUNDLE_FILES", "SECRET_FILES", "add_cli"]
 
@@ -136,8 +144,10 @@ def provision(device_id: str, *, groups: Sequence[str], out: PathLike, broker_ur
     Raises:
         ProvisionError: a bad id, group or tier, a config the agent would refuse, an expired
             root, an output directory that is a file or not empty (without ``force``), a
-            device already in the users file (without ``force``), or a failed write.
-        CAError, KeyDirError, CredentialsError: the CA, key directory or users file.
+            device already in the users file (without ``force``), a name the users file
+            holds in another role (even with ``force``), or a failed write.
+        CAError, KeyDirError, CredentialsError: the CA (``CANameTaken``: the CA's ledger
+            holds the name in another role), key directory or users file.
     """
     from controller.credentials import UserDB, generate_password
 
@@ -153,6 +163,9 @@ def provision(device_id: str, *, groups: Sequence[str], out: PathLike, broker_ur
     root = _root_bytes(Path(keys_dir))
     ca = FleetCA.open(ca_dir, passphrase=passphrase)
     userdb = UserDB.load(users, missing_ok=True) if users is not None else None
+    if userdb is not None and device_id in userdb and userdb.role(device_id) != "device":
+        raise ProvisionError(f"{device_id} is a {userdb.role(device_id)} in {users}, not a device; a device of that "
+                             f"name would take its broker rights — choose another device id")
     if userdb is not None and device_id in userdb and not force:
         raise ProvisionError(f"{device_id} is already a broker user in {users}; --force gives it a new password "
                              f"(the old bundle's broker.pass stops working)")
@@ -210,18 +223,33 @@ class _ConnectOptions(argparse.Namespace):
         return None
 
 
-def register(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """``devices.add`` of the provisioned device and its groups through the console API.
+def register_client(args: argparse.Namespace) -> "ApiClient":
+    """The console client ``--register`` will use, built (not connected) from the
+    connection options, so that bad ones are refused before anything is issued.
 
     Raises:
-        ProvisionError: the controller could not be reached or refused (the bundle stays).
+        ProvisionError: the options cannot work (a TLS certificate without its key, TLS
+            files with an ``mqtt://`` URL, a missing or unreadable file); nothing was issued.
     """
     from controller.console import connect
 
     conn = _ConnectOptions(broker=args.register, username=args.username, password_file=args.password_file,
-                           timeout=args.timeout)
+                           tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, timeout=args.timeout)
     try:
-        with connect(conn) as api:
+        return connect(conn)
+    except (EdgeRuntimeError, ValueError) as exc:
+        raise ProvisionError(f"--register cannot connect with these options: {exc}; nothing was issued") from None
+
+
+def register(result: dict[str, Any], client: "ApiClient") -> dict[str, Any]:
+    """``devices.add`` of the provisioned device and its groups through the console API
+    (``client`` from ``register_client``).
+
+    Raises:
+        ProvisionError: the controller could not be reached or refused (the bundle stays).
+    """
+    try:
+        with client as api:
             return dict(api.request("devices.add", {"id": result["device_id"], "groups": result["groups"]}))
     except EdgeRuntimeError as exc:
         raise ProvisionError(f"the bundle is in {result['out']} but the device was not registered: {exc}; register it "
@@ -237,10 +265,14 @@ def _register_hint(result: dict[str, Any]) -> str:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
+    if not args.register and (args.tls_ca or args.tls_cert or args.tls_key):
+        raise ProvisionError("--tls-ca, --tls-cert and --tls-key are how --register reaches the controller; give "
+                             "--register URL too, or leave them out")
+    client = register_client(args) if args.register else None
     result = provision(args.device_id, groups=args.group, out=args.out, broker_url=args.broker, ca_dir=args.ca,
                        keys_dir=args.keys, users=args.users, tier=args.tier, valid_days=args.days,
                        passphrase=cli_passphrase(args), force=args.force)
-    result["registered"] = register(result, args) if args.register else None
+    result["registered"] = register(result, client) if client is not None else None
     if args.json:
         emit_json(result)
         return 0
@@ -286,6 +318,12 @@ def add_cli(sub: Any, models: Any) -> None:
     reg.add_argument("--register", metavar="URL", help="the broker the console reaches the controller through")
     reg.add_argument("--username", metavar="NAME", help="console MQTT user name (default $FLEETCTL_USERNAME)")
     reg.add_argument("--password-file", metavar="FILE", help="console MQTT password file (default $FLEETCTL_PASSWORD_FILE)")
+    reg.add_argument("--tls-ca", metavar="FILE",
+                     help="CA certificate of an mqtts:// --register broker, e.g. the fleet CA's ca.pem "
+                          "(default $FLEETCTL_TLS_CA)")
+    reg.add_argument("--tls-cert", metavar="FILE",
+                     help="client certificate for mutual TLS, e.g. an operator's (default $FLEETCTL_TLS_CERT)")
+    reg.add_argument("--tls-key", metavar="FILE", help="its private key (default $FLEETCTL_TLS_KEY)")
     reg.add_argument("--timeout", type=positive_seconds, default=10.0, metavar="S")
     p.add_argument("--json", action="store_true", help="print one JSON document (for scripts)")
     p.set_defaults(fn=cmd_provision)

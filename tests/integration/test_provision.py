@@ -165,13 +165,23 @@ REFUSALS: dict[str, tuple[list[str], str]] = {
     "broker URL with credentials": (["provision", "pi-01", "--group", "g", "--broker", "mqtts://u:p@h:8883"], "broker.url"),
     "no CA there": (["provision", "pi-01", "--group", "g", "--ca", "nowhere"], "fleetctl ca init"),
     "no key directory": (["provision", "pi-01", "--group", "g", "--keys", "nowhere"], "fleetctl keys init"),
+    # --register's connection options are checked before anything is issued ("CAFILE": the fleet CA's ca.pem).
+    "TLS options without --register": (["provision", "pi-01", "--group", "g", "--tls-ca", "CAFILE"], "--register URL"),
+    "TLS files for a plain mqtt:// --register": (
+        ["provision", "pi-01", "--group", "g", "--register", "mqtt://127.0.0.1:1", "--tls-ca", "CAFILE"], "not mqtts://"),
+    "a --register certificate without its key": (
+        ["provision", "pi-01", "--group", "g", "--register", "mqtts://127.0.0.1:1", "--tls-cert", "CAFILE"],
+        "--tls-cert and --tls-key go together"),
+    "a --register CA file that is missing": (
+        ["provision", "pi-01", "--group", "g", "--register", "mqtts://127.0.0.1:1", "--tls-ca", "nowhere"],
+        "no such file"),
 }
 
 
 @pytest.mark.parametrize("case", REFUSALS)
 def test_provision_refuses_bad_requests_and_issues_nothing(fleet: dict[str, Path], tmp_path: Path, case: str) -> None:
     argv, match = REFUSALS[case]
-    argv = [a if a != "nowhere" else str(tmp_path / "nowhere") for a in argv]
+    argv = [{"nowhere": str(tmp_path / "nowhere"), "CAFILE": str(fleet["ca"] / "ca.pem")}.get(a, a) for a in argv]
     defaults = {"--out": str(tmp_path / "bundle"), "--broker": BROKER, "--ca": str(fleet["ca"]),
                 "--keys": str(fleet["keys"]), "--users": str(fleet["users"])}
     for flag, value in defaults.items():
@@ -184,6 +194,28 @@ def test_provision_refuses_bad_requests_and_issues_nothing(fleet: dict[str, Path
     assert read_ledger(fleet["ca"]) == []
     assert not (tmp_path / "bundle").exists() and not fleet["users"].exists()
     assert not [p for p in tmp_path.iterdir() if "provision" in p.name]
+
+
+def test_provision_refuses_a_name_another_role_holds_even_when_forced(fleet: dict[str, Path], tmp_path: Path) -> None:
+    """A device named like a controller would get the controller's rights on a broker that
+    takes the identity from the certificate (Mosquitto) or from the users file."""
+    FleetCA.open(fleet["ca"]).issue("ctl-a", "controller")
+    ledger = read_ledger(fleet["ca"])
+    result = fleetctl(*provision_args(fleet, "ctl-a", tmp_path / "bundle", "--force", "--json"), check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "ca_error" and error["reason"] == "name_taken", error
+    assert read_ledger(fleet["ca"]) == ledger and not (tmp_path / "bundle").exists()
+
+    users = UserDB(fleet["users"])
+    users.add("ctl-b", "controller", "pw-of-ctl-b")
+    users.save()
+    before = fleet["users"].read_bytes()
+    result = fleetctl(*provision_args(fleet, "ctl-b", tmp_path / "bundle", "--users", str(fleet["users"]), "--force"),
+                      check=False)
+    assert result.returncode == 1 and "is a controller in" in result.stderr, result.stdout + result.stderr
+    assert fleet["users"].read_bytes() == before and read_ledger(fleet["ca"]) == ledger
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_register_puts_the_device_and_its_groups_in_the_controller(fleet: dict[str, Path], tmp_path: Path,

@@ -30,6 +30,7 @@ from controller.ca import (
     CAError,
     CAExists,
     CAMissing,
+    CANameTaken,
     CAPassphraseError,
     CASpecError,
     FleetCA,
@@ -330,6 +331,71 @@ def test_issue_refuses_bad_arguments_and_records_nothing(tmp_path: Path, name: s
         ca.issue(name, role, hosts=hosts)
     with pytest.raises(CASpecError, match="between 1 and"):
         ca.issue("d1", "device", valid_days=0)
+    assert snapshot(tmp_path / "ca") == before
+
+
+# One name, one role: (what the ledger holds, what is asked for) -> refused (the role the
+# name is taken by) or allowed (None). Mosquitto takes the identity from the CN and cannot
+# read the OU, so a second role under one name would get the first one's broker rights.
+ONE_NAME_ONE_ROLE: dict[str, tuple[list[tuple[str, str]], tuple[str, str], "str | None"]] = {
+    "a device named like a controller": ([("ctl-a", "controller")], ("ctl-a", "device"), "controller"),
+    "a controller named like a device": ([("dev-1", "device")], ("dev-1", "controller"), "device"),
+    "an operator named like a broker": ([("mq", "broker")], ("mq", "operator"), "broker"),
+    "a broker named like an operator": ([("op-1", "operator")], ("op-1", "broker"), "operator"),
+    "taken by any earlier row": ([("dev-1", "device"), ("dev-1", "device"), ("ctl-a", "controller")],
+                                 ("dev-1", "operator"), "device"),
+    "renewal in the same role": ([("dev-1", "device")], ("dev-1", "device"), None),
+    "a broker renewed": ([("mq", "broker"), ("dev-1", "device")], ("mq", "broker"), None),
+    "names differ only in case": ([("ctl-a", "controller")], ("CTL-A", "device"), None),
+}
+
+
+@pytest.mark.parametrize("case", ONE_NAME_ONE_ROLE)
+def test_a_name_keeps_its_role(tmp_path: Path, case: str) -> None:
+    held, (name, role), taken_by = ONE_NAME_ONE_ROLE[case]
+    ca = FleetCA.init(tmp_path / "ca")
+    for n, r in held:
+        ca.issue(n, r, hosts=["localhost"] if r == "broker" else [])
+    hosts = ["localhost"] if role == "broker" else []
+    before = snapshot(tmp_path / "ca")
+    if taken_by is None:
+        issued = ca.issue(name, role, hosts=hosts)
+        assert [(r["name"], r["role"], r["serial"]) for r in read_ledger(tmp_path / "ca")][-1] == (
+            name, role, f"{issued.serial:x}")
+        return
+    with pytest.raises(CANameTaken) as err:
+        ca.issue(name, role, hosts=hosts)
+    exc = err.value
+    assert isinstance(exc, CAError) and exc.reason == "name_taken" and exc.to_dict()["reason"] == "name_taken"
+    assert (exc.name, exc.role) == (name, taken_by)
+    first = next(r for r in read_ledger(tmp_path / "ca") if r["name"] == name)
+    assert exc.serial == first["serial"] and first["serial"] in str(exc)
+    assert f"already has a {taken_by} certificate" in str(exc) and "choose another name" in str(exc)
+    assert snapshot(tmp_path / "ca") == before  # nothing recorded
+
+
+def test_fleetctl_ca_issue_refuses_a_name_in_another_role_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d, out = tmp_path / "ca", tmp_path / "out"
+    FleetCA.init(d).issue("ctl-a", "controller")
+    before = snapshot(d)
+    assert main(["ca", "issue", "ctl-a", "--role", "device", "--dir", str(d), "--out", str(out), "--json"]) == 1
+    err = json.loads(capsys.readouterr().out)["error"]
+    assert err["type"] == "ca_error" and err["reason"] == "name_taken" and "controller" in err["message"]
+    assert snapshot(d) == before and not out.exists()
+
+
+def test_issue_refuses_to_guess_past_a_ledger_it_cannot_read(tmp_path: Path) -> None:
+    """The ledger is the only record of which role holds a name: unreadable, it checks nothing."""
+    ca = FleetCA.init(tmp_path / "ca")
+    ca.issue("ctl-a", "controller")
+    with open(tmp_path / "ca" / "issued.jsonl", "ab") as f:
+        f.write(b"not json\n")
+    before = snapshot(tmp_path / "ca")
+    with pytest.raises(CACorrupt, match="line 2"):
+        ca.issue("ctl-a", "device")
+    with pytest.raises(CACorrupt, match="line 2"):
+        ca.issue("dev-1", "device")
     assert snapshot(tmp_path / "ca") == before
 
 
