@@ -103,7 +103,8 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 
 
 def serve_metrics(daemon: Any, port: int, *, addr: str = "127.0.0.1") -> Callable[[], None]:
-    """Serve /metrics on ``addr:port`` in a thread; returns a function that stops it.
+    """Serve /metrics on ``addr:port`` in a thread (port 0: any free one; the log line
+    ``serving /metrics on http://ADDR:PORT/metrics`` names it); returns a function that stops it.
 
     Raises:
         OSError: the port cannot be bound.
@@ -111,6 +112,7 @@ def serve_metrics(daemon: Any, port: int, *, addr: str = "127.0.0.1") -> Callabl
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(daemon))
     server, thread = start_http_server(port, addr=addr, registry=registry)
+    log.info("serving /metrics on http://%s:%d/metrics", addr, server.server_port)
 
     def stop() -> None:
         server.shutdown()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -84,11 +85,10 @@ class ControllerProcess:
         self.keys = Path(keys_dir)
         self.db_url = db_url or f"sqlite:///{(self.data / 'controller.db').resolve()}"
         self.instance = instance
-        self.metrics_port = free_port()
         self.argv = [
             sys.executable, "-m", "controller.cli", "serve", "--broker", broker_url, "--db", self.db_url,
             "--keys", str(self.keys), "--data", str(self.data), "--instance", instance, "--tick", tick,
-            "--metrics-port", str(self.metrics_port), *extra,
+            "--metrics-port", "0", *extra,  # any free port, read back from the log: no race with other tests
         ]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
         self.log_path = self.data / "serve.log"
@@ -111,6 +111,17 @@ class ControllerProcess:
             return self.log_path.read_bytes()[self._offset:].decode("utf-8", "replace")
         except OSError:
             return ""
+
+    @property
+    def metrics_port(self) -> int:
+        """The port this run's /metrics listens on (from its log line; waits for it)."""
+        def bound() -> Optional[int]:
+            if not self.alive:
+                raise AssertionError(f"fleetctl serve exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            found = re.search(r"serving /metrics on http://[^\s/]+:(\d+)/metrics", self.log_text())
+            return int(found.group(1)) if found else None
+
+        return int(wait_until(bound, timeout=30, interval=0.1, what=f"controller {self.instance} serving /metrics"))
 
     def wait_online(self, timeout: float = 30.0) -> None:
         """Until this replica's retained STATE says online (it has connected and subscribed)."""
