@@ -20,9 +20,21 @@ What runs where:
                              device's reply, which comes through the dispatcher)
     ticker thread            rollouts (``RolloutDriver.tick``) every ``--tick`` seconds and at
                              once when a device report may move one; desired documents
-                             re-signed before they expire; raw telemetry expired
-    connect hook             subscribe, retained ``ctl/state`` online, every desired state
-                             re-published (brokers forget retained messages)
+                             re-signed before they expire; raw telemetry expired; the key
+                             directory's ``root.json`` watched for a rotation
+    connect hook             subscribe, retained ``ctl/state`` online; then (on the ticker)
+                             every root of trust >= v2 and every desired state re-published
+                             (brokers forget retained messages)
+
+Key rotation (``fleetctl keys rotate --dir KEYS`` while this runs): within a tick the ticker
+sees ``root.json`` change (a ``stat`` per tick; parsed only when it changed), loads the new
+deploy and command keys (``DesiredPublisher.reload``, ``CommandSender.reload``), publishes
+every root version >= 2 retained on ``fleet/v1/trust/root/{version}`` -- *first*, each
+acknowledged by the broker -- and then every desired state, re-signed with the new deploy
+keys. Devices receive the root before the documents that need it; one that refuses a
+document anyway (it had not rotated yet) re-verifies it itself after rotating. If the new
+keys cannot be loaded (an offline key, a passphrase that does not open them) nothing is
+announced, the old keys stay in use, and the log says so every 30 s until it is fixed.
 
 Acknowledged means stored. Device reports are PUBACKed after the commit that stored them
 (``MqttConfig.manual_ack``). With a stable ``--instance`` and no ``--shared`` the session
@@ -66,7 +78,8 @@ from controller.commands import CommandSender
 from controller.console import duration
 from controller.desired import DesiredPublisher
 from controller.ingest import Ingest, Ingested, IngestWriter
-from controller.keys import KeyDir
+from controller.keys import KeyDir, KeyDirError
+from controller.roots import RootWatcher
 from controller.rollouts import RolloutDriver
 from controller.store import Store
 from edge_runtime.errors import EdgeRuntimeError
@@ -140,6 +153,10 @@ class Controller:
         self._ticker: Optional[threading.Thread] = None
         self._stop_metrics: Optional[Callable[[], None]] = None
         self._republish_pending = threading.Event()
+        self.roots = RootWatcher(self.keydir)
+        self._keys_version = self.roots.poll()  # the root whose keys sign (loaded just above)
+        self._root_retry_at = 0.0
+        self.roots_published = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -260,10 +277,10 @@ class Controller:
             if self._stopping.is_set():
                 return
             try:
+                self._watch_root()
                 if self._republish_pending.is_set() and self.client.is_connected:
                     self._republish_pending.clear()
-                    n = self.desired.republish_all()
-                    log.info("re-published %d desired documents", n)
+                    self._republish()
                 self.driver.tick()
                 now = self.clock()
                 if now - last_refresh >= 60:
@@ -274,6 +291,54 @@ class Controller:
                     self.store.expire_telemetry(before=now - self.cfg.retention_s)
             except Exception:  # noqa: BLE001 - keep ticking; the next tick retries
                 log.exception("controller tick failed")
+
+
+    def _watch_root(self) -> None:
+        """A new ``root.json`` (``fleetctl keys rotate``): new keys, then roots and documents out."""
+        if time.monotonic() < self._root_retry_at:
+            return
+        version = self.roots.poll()
+        if version is None or version == self._keys_version:
+            return
+        try:
+            resign = self.desired.reload()
+            self.commands.reload()
+        except KeyDirError as exc:
+            self.roots.forget()
+            self._root_retry_at = time.monotonic() + 30.0
+            log.error("root.json is now v%d but its signing keys cannot be loaded (%s); root v%d is not sent to "
+                      "devices and documents stay signed with the v%s keys until this is fixed", version, exc,
+                      version, self._keys_version)
+            return
+        if self._keys_version is not None and version < self._keys_version:
+            log.warning("root.json went back from v%d to v%d (a restored key directory?): devices that hold v%d "
+                        "refuse documents signed only by keys it no longer names", self._keys_version, version,
+                        self._keys_version)
+        log.info("root of trust v%s -> v%d: signing keys reloaded%s; publishing the roots, then every desired "
+                 "state", self._keys_version, version, " (new deploy keys: every desired state is re-signed)"
+                 if resign else "")
+        self._keys_version = version
+        self._republish_pending.set()  # below, on this tick when connected, else after the connect
+
+    def _republish(self) -> None:
+        """Every root >= v2, then every desired state (re-signed where its keys left the role).
+
+        The roots go first and each waits for the broker's PUBACK, so a device gets a root
+        before the documents signed by the keys it introduces."""
+        version = self.roots.version or self._keys_version or 1
+        try:
+            for v, data in self.roots.envelopes(version):
+                self._publish_retained(topics.trust_root(v), data)
+                self.roots_published += 1
+        except Exception as exc:  # noqa: BLE001 - MQTT: the next connect (or tick) does it all again
+            log.warning("roots of trust not published (%s); documents held back until they are", exc)
+            self._republish_pending.set()
+            return
+        n = self.desired.republish_all()
+        if version >= 2:
+            log.info("re-published roots of trust v2..v%d and %d desired documents", version, n)
+        else:
+            log.info("re-published %d desired documents", n)
 
 
 # -- the command line ------------------------------------------------------------------------

@@ -9,6 +9,14 @@ a valid one), and re-publishes everything after a (re)connect because brokers fo
 retained messages (DESIGN.md, "Brokers forget"). A device treats a document with the
 generation it already holds as benign, so publishing again is always safe.
 
+After ``fleetctl keys rotate`` the controller calls ``reload()``: the deploy keys of the new
+``root.json`` replace the cached ones (between two documents, under the lock). A stored
+document is only "fresh" while it carries a signature by every deploy key in use, so the
+next publish of each -- ``republish_all`` right after the new root itself went out on
+``fleet/v1/trust/root/{version}``, or the minute sweep if that publish failed -- re-signs
+it with the new keys. (A replica still holding the old keys would sign it back: update the
+key directory of every replica.)
+
 Signing and publishing happen outside store transactions; ``record_signed`` ignores a
 document for a generation that has since moved on, so two replicas racing cannot leave
 an old generation as "the" signed document.
@@ -16,16 +24,19 @@ an old generation as "the" signed document.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Optional
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from controller import signing
 from controller.keys import KeyDir
 from controller.store import DesiredRecord, NotFound, Store
-from edge_runtime.protocol import messages, topics
+from edge_runtime.protocol import dsse, messages, topics
 from edge_runtime.protocol.dsse import Envelope
 from edge_runtime.protocol.signed import Target
 
@@ -70,7 +81,8 @@ class DesiredPublisher:
         self.published = 0
         self.failures = 0
         self._lock = threading.Lock()
-        self._keys = None  # deploy keys, loaded once (they may need a passphrase)
+        self._keys: Optional[list[Ed25519PrivateKey]] = None  # deploy keys: loaded once, then by reload()
+        self._kids: Optional[frozenset[str]] = None  # their keyids
 
     def publish(self, device_id: str, *, resign: bool = False) -> Optional[int]:
         """Publish the device's current desired document, signing a new one when the stored
@@ -95,13 +107,29 @@ class DesiredPublisher:
         self.published += 1
         return record.generation
 
-    def publish_many(self, device_ids: Iterable[str]) -> int:
+    def publish_many(self, device_ids: Iterable[str], *, resign: bool = False) -> int:
         """Publish each; returns how many went out."""
-        return sum(1 for d in device_ids if self.publish(d) is not None)
+        return sum(1 for d in device_ids if self.publish(d, resign=resign) is not None)
 
-    def republish_all(self) -> int:
-        """Every device's document (after a connect: the broker may have forgotten them)."""
-        return self.publish_many(r.device_id for r in self.store.list_desired())
+    def republish_all(self, *, resign: bool = False) -> int:
+        """Every device's document (after a connect: the broker may have forgotten them;
+        ``resign`` after the deploy keys changed)."""
+        return self.publish_many((r.device_id for r in self.store.list_desired()), resign=resign)
+
+    def reload(self) -> bool:
+        """Load the deploy keys ``root.json`` names now; True when they differ from the ones
+        in use (each document is re-signed at its next publish). On an error the old keys
+        stay in use.
+
+        Raises:
+            NotEnoughKeys, PassphraseError, KeyDirMissing, KeyDirCorrupt: from the key directory.
+        """
+        keys = self.keydir.signing_keys("deploy", passphrase=self.passphrase)
+        kids = frozenset(_keyids(keys))
+        with self._lock:
+            old = self._kids
+            self._keys, self._kids = keys, kids
+        return old != kids
 
     def refresh_expiring(self) -> int:
         """Re-sign and publish documents past half their validity; returns how many."""
@@ -124,13 +152,34 @@ class DesiredPublisher:
         return payload
 
     def _fresh(self, record: DesiredRecord, now: float) -> bool:
-        """The stored document is for the current generation and within the first half of its validity."""
+        """The stored document is for the current generation, within the first half of its
+        validity, and signed by the deploy keys in use."""
         return (record.envelope is not None and record.signed_generation == record.generation
                 and record.expires_at is not None
-                and record.expires_at - now >= self.valid_for.total_seconds() / 2)
+                and record.expires_at - now >= self.valid_for.total_seconds() / 2
+                and self._signed_by_current_keys(record.envelope))
 
-    def _deploy_keys(self) -> list:
+    def _signed_by_current_keys(self, envelope: str) -> bool:
+        current = self._current_keyids()
+        try:
+            signed = {sig["keyid"] for sig in json.loads(envelope)["signatures"]}
+        except (ValueError, KeyError, TypeError):
+            return False  # not an envelope we can read: sign a new one
+        return current <= signed
+
+    def _deploy_keys(self) -> list[Ed25519PrivateKey]:
         with self._lock:
             if self._keys is None:
                 self._keys = self.keydir.signing_keys("deploy", passphrase=self.passphrase)
+                self._kids = frozenset(_keyids(self._keys))
             return self._keys
+
+    def _current_keyids(self) -> frozenset[str]:
+        self._deploy_keys()
+        with self._lock:
+            assert self._kids is not None
+            return self._kids
+
+
+def _keyids(keys: Iterable[Ed25519PrivateKey]) -> set[str]:
+    return {dsse.keyid(k.public_key()) for k in keys}

@@ -11,7 +11,9 @@ Start-up, in this order, so the device serves before anything remote is needed:
     connect publishes the retained birth, re-subscribes, and the outbox drains.
 
 Then one loop (the main thread) does everything that changes the device, one thing at a
-time: verify a received desired state (``documents``), plan and run the reconcile
+time: apply received roots of trust (``fleet/v1/trust/root/+``: N+1, N+2, ... each persisted,
+a ``root_rotated`` event each, then a desired state refused under the old root is checked
+again), verify a received desired state (``documents``), plan and run the reconcile
 (``executor``), pump transfers, install finished ones, queue telemetry, publish the retained
 state when it changed, ping the watchdog. MQTT handlers only hand payloads over and wake
 the loop -- except commands, which are verified and run where they arrive (they are quick)
@@ -50,7 +52,7 @@ from edge_runtime import __version__, memory
 from edge_runtime.agent import sdnotify
 from edge_runtime.agent.commands import RESTART_EXIT_CODE, CommandHooks, RecentLog, run_command
 from edge_runtime.agent.config import AgentConfig, ConfigError, load_config
-from edge_runtime.agent.documents import DocumentGate
+from edge_runtime.agent.documents import MAX_PENDING_ROOTS, DesiredOutcome, DocumentGate
 from edge_runtime.agent.executor import Executor
 from edge_runtime.agent.reconcile import Noop, Refuse
 from edge_runtime.agent.outbox import Item, Outbox
@@ -131,6 +133,7 @@ class Agent:
         self._reload = False
         self._lock = threading.Lock()
         self._pending_desired: Optional[bytes] = None
+        self._pending_roots: list[tuple[int, bytes]] = []  # (topic version, envelope), in arrival order
         self._reconcile_due = True
         self._published_revision: Optional[tuple[int, dict[str, str], Optional[int]]] = None
         self._reconciled_generation: Optional[int] = None
@@ -208,7 +211,8 @@ class Agent:
             if cfg.trust_root is None:
                 raise NotProvisionedError(
                     f"no trust state in {self.data_dir}/trust and no trust_root in the config: set trust_root to the "
-                    "fleet's root.json (fleetctl keys show --root) so the device can verify what it is sent")
+                    "fleet's root.json (root.json in the controller's key directory, fleetctl keys init/rotate --dir "
+                    "DIR) so the device can verify what it is sent")
             store.provision(Path(cfg.trust_root).read_bytes(), device_id=self.device_id, groups=groups)
             log.info("provisioned the trust store from %s", cfg.trust_root)
         try:
@@ -236,6 +240,7 @@ class Agent:
         )
         client = MqttClient(mcfg, on_connect=self._on_connect, on_disconnect=self._on_disconnect)
         dev = self.device_id
+        client.add_handler(topics.TRUST_ROOTS, self._on_root)
         client.add_handler(topics.desired(dev), self._on_desired)
         client.add_handler(topics.cmd(dev), self._on_command)
         client.add_handler(topics.inbox_filter(dev), self._on_inbox)
@@ -272,6 +277,20 @@ class Agent:
             return  # the retained desired state was cleared: keep running what we have
         with self._lock:
             self._pending_desired = msg.payload  # only the newest matters
+        self._wake.set()
+
+    def _on_root(self, msg: Message) -> None:
+        if not msg.payload:
+            return  # a retained root was cleared: the device keeps the root it holds
+        try:
+            version = topics.parse(msg.topic).version
+        except ValueError:
+            return
+        if version is None:  # pragma: no cover - the handler's filter is the roots'
+            return
+        with self._lock:
+            if len(self._pending_roots) < 4 * MAX_PENDING_ROOTS:  # the loop drains them at its next step
+                self._pending_roots.append((version, msg.payload))
         self._wake.set()
 
     def _on_inbox(self, msg: Message) -> None:
@@ -345,7 +364,19 @@ class Agent:
 
     def _step(self) -> None:
         with self._lock:
+            roots, self._pending_roots = self._pending_roots, []
             data, self._pending_desired = self._pending_desired, None
+        # Roots before the desired state: one signed by keys only a new root names must find
+        # that root already trusted.
+        for i, (version, root) in enumerate(roots):
+            try:
+                self._offer_root(version, root, retry_desired=data is None)
+            except OSError:  # the trust store could not be written: nothing moved; try again
+                with self._lock:
+                    self._pending_roots[:0] = roots[i:]
+                    if data is not None and self._pending_desired is None:
+                        self._pending_desired = data
+                raise
         if data is not None:
             self._offer_desired(data)
         self.transfers.pump()
@@ -364,7 +395,9 @@ class Agent:
                                 figures={"suppressed": overdue})
 
     def _offer_desired(self, data: bytes) -> None:
-        result = self.gate.offer_desired(data, _utcnow())
+        self._handle_desired(self.gate.offer_desired(data, _utcnow()))
+
+    def _handle_desired(self, result: DesiredOutcome) -> None:
         if result.outcome == "rejected":
             assert result.rejection is not None
             self._rejected("desired", result.rejection)
@@ -373,6 +406,27 @@ class Agent:
             log.info("accepted desired generation %d (%d models)", result.desired.generation, len(result.desired.models))
             self.desired = result.desired
             self._reconcile_due = True
+
+    def _offer_root(self, version: int, data: bytes, *, retry_desired: bool = True) -> None:
+        result = self.gate.offer_root(data, topic_version=version)
+        for rejection in result.rejections:
+            self._rejected("root", rejection)
+        if result.waiting and not result.rotated and not result.rejections:
+            log.info("holding root(s) v%s until v%d arrives", ", v".join(map(str, result.waiting)),
+                     self.gate.trusted.root.version + 1)
+        previous = result.from_version
+        for new in result.rotated:
+            log.info("rotated the root of trust: v%d -> v%d", previous, new)
+            self.reporter.event("root_rotated", detail=f"root of trust v{previous} -> v{new}",
+                                figures={"from_version": previous, "to_version": new})
+            previous = new
+        if result.rotated and retry_desired:
+            # A desired state refused under the old root (keys it did not name, or an expired
+            # root) may pass now; the controller also re-publishes, but must not be needed.
+            # (When a new desired state is waiting in this step, that one is offered instead.)
+            retried = self.gate.retry_refused_desired(_utcnow())
+            if retried is not None:
+                self._handle_desired(retried)
 
     def _rejected(self, kind: str, rejection: Any) -> None:
         log.warning("rejected a %s document: %s: %s", kind, rejection.reason.value, rejection)

@@ -201,6 +201,7 @@ STEPS: tuple[str, ...] = (
     "routed",  # a model's route changed (local <-> a node)
     "fallback",  # a remote call ran locally because the executor did not answer
     "reconciled",  # the device now runs its desired generation
+    "root_rotated",  # the device now trusts a newer root (figures: from_version, to_version)
 )
 Step = Literal[STEPS]  # type: ignore[valid-type]
 _STEPS_WITH_REASON = frozenset({"refused", "rejected", "rolled_back", "fallback"})

@@ -15,6 +15,7 @@ controller, the console and the broker ACLs all ask it. Nothing here does I/O.
     fleet/v1/artifacts/{sha}/req            device          1    no        chunk_request
     fleet/v1/node/{id}/infer/{model}        device          1    no        infer_request (binary)
     fleet/v1/ctl/state                      controller(+W)  1    yes       ctl_state
+    fleet/v1/trust/root/{version}           controller      1    yes       DSSE(root)
     fleet/v1/ctl/api/req                    console         1    no        api_request
     fleet/v1/ctl/api/reply/{client}         controller      1    no        api_response
 
@@ -24,7 +25,12 @@ is one segment of ``ID_PATTERN``: 1 to 64 characters of
 ``[A-Za-z0-9._-]``, starting with a letter or digit. That is the rule of a signed
 ``Target`` too, so every device a document can name has a topic, and no id can smuggle in
 a ``/``, a wildcard (``+``, ``#``), a ``$`` or an empty level. An artifact is named by
-its sha256 (64 lowercase hex digits).
+its sha256 (64 lowercase hex digits); a root of trust by its version (a decimal integer
+>= 1, no leading zero).
+
+The roots are fleet-wide, not per device: every device reads ``fleet/v1/trust/root/+``
+(retained, one topic per version, so a device N versions behind finds each one it must
+walk through) and none may publish there.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 TopicKind = Literal[
     "state", "desired", "cmd", "reply", "events", "telemetry", "chunk_inbox", "infer_inbox",
-    "artifact_req", "infer", "ctl_state", "api_req", "api_reply",
+    "artifact_req", "infer", "ctl_state", "api_req", "api_reply", "trust_root",
 ]
 # The per-device topics directly under fleet/v1/dev/{id}/ (the inbox has sub-levels).
 DEVICE_KINDS: tuple[str, ...] = ("state", "desired", "cmd", "reply", "events", "telemetry")
@@ -50,6 +56,9 @@ DEVICE_KINDS: tuple[str, ...] = ("state", "desired", "cmd", "reply", "events", "
 CTL_STATE = f"{PREFIX}/ctl/state"
 API_REQUEST = f"{PREFIX}/ctl/api/req"
 ARTIFACT_REQUESTS = f"{PREFIX}/artifacts/+/req"
+TRUST_ROOTS = f"{PREFIX}/trust/root/+"  # every root version the controller announces
+MAX_ROOT_VERSION = 2**31 - 1
+_VERSION_RE = re.compile(r"^[1-9][0-9]{0,9}$")
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,9 @@ TOPICS: dict[str, TopicSpec] = {
                   1, False, "api_request", False, False, "console request"),
         TopicSpec("api_reply", f"{PREFIX}/ctl/api/reply/{{client}}", "controller", "that fleetctl",
                   1, False, "api_response", False, False, "console response"),
+        TopicSpec("trust_root", f"{PREFIX}/trust/root/{{version}}", "controller", "every device",
+                  1, True, "root", True, False,
+                  "root of trust version N (N >= 2), the bytes of root.N.json; devices walk N+1, N+2, ..."),
     )
 }
 
@@ -115,6 +127,7 @@ class TopicInfo:
     node: Optional[str] = None  # infer
     model: Optional[str] = None  # infer
     client: Optional[str] = None  # api_reply
+    version: Optional[int] = None  # trust_root
 
 
 @dataclass(frozen=True)
@@ -238,6 +251,26 @@ def infer(node_id: str, model: str) -> str:
     return f"{PREFIX}/node/{check_id(node_id, 'node id')}/infer/{check_id(model, 'model name')}"
 
 
+def check_root_version(value: object) -> int:
+    """``value`` itself, if it may name a root version in a topic (an int, 1..2**31-1).
+
+    Raises:
+        ValueError: anything else (``bool`` included).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ROOT_VERSION:
+        raise ValueError(f"invalid root version {value!r}: expected an integer from 1 to {MAX_ROOT_VERSION}")
+    return value
+
+
+def trust_root(version: int) -> str:
+    """``fleet/v1/trust/root/{version}``: root of trust ``version``, retained.
+
+    Raises:
+        ValueError: not an integer from 1 to 2**31-1.
+    """
+    return f"{PREFIX}/trust/root/{check_root_version(version)}"
+
+
 def api_reply(client_id: str) -> str:
     """``fleet/v1/ctl/api/reply/{client_id}``: where one console reads its responses.
 
@@ -342,13 +375,17 @@ def matches(topic_filter: str, topic: str) -> bool:
 
 
 def device_subscriptions(device_id: str) -> list[tuple[str, int]]:
-    """(filter, QoS) pairs a device runtime subscribes to: its desired state, its commands,
-    its inbox, the controller's STATE, and the calls to it as an executor node.
+    """(filter, QoS) pairs a device runtime subscribes to: the roots of trust, its desired
+    state, its commands, its inbox, the controller's STATE, and the calls to it as an
+    executor node. The roots come first: a broker sends the retained messages of one
+    SUBSCRIBE filter by filter, so a device back from a long absence sees the roots before
+    a desired state signed by keys only the newest root names.
 
     Raises:
         ValueError: a bad device id.
     """
     return [
+        (TRUST_ROOTS, TOPICS["trust_root"].qos),
         (desired(device_id), TOPICS["desired"].qos),
         (cmd(device_id), TOPICS["cmd"].qos),
         (inbox_filter(device_id), TOPICS["chunk_inbox"].qos),
@@ -381,7 +418,9 @@ def device_acl(device_id: str) -> Acl:
     It publishes its own reports (never its own ``desired`` or ``cmd``: a retained document
     it overwrote would be refused as unsigned, but the good one would be gone), requests
     for artifacts, calls to executors, and inference replies to callers' inboxes (it may
-    be an executor). It reads only what is its own plus the controller's STATE.
+    be an executor). It reads only what is its own plus the controller's STATE and the
+    fleet's roots of trust (read-only: a retained root it could overwrite would be refused
+    as unsigned, but the good one would be gone for every other device).
 
     Raises:
         ValueError: a bad device id.
@@ -419,6 +458,10 @@ def parse(topic: str) -> TopicInfo:
         return TopicInfo(kind="artifact_req", sha256=check_sha256(levels[1]))
     elif head == "node" and n == 4 and levels[2] == "infer":
         return TopicInfo(kind="infer", node=check_id(levels[1], "node id"), model=check_id(levels[3], "model name"))
+    elif head == "trust" and n == 3 and levels[1] == "root":
+        if _VERSION_RE.fullmatch(levels[2]) is None:
+            raise ValueError(f"invalid root version in topic {topic!r}")
+        return TopicInfo(kind="trust_root", version=check_root_version(int(levels[2])))
     elif head == "ctl":
         if levels == ["ctl", "state"]:
             return TopicInfo(kind="ctl_state")
@@ -452,4 +495,6 @@ def build(info: TopicInfo) -> str:
         return API_REQUEST
     if k == "api_reply":
         return api_reply(info.client)  # type: ignore[arg-type]
+    if k == "trust_root":
+        return trust_root(info.version)  # type: ignore[arg-type]
     raise ValueError(f"unknown topic kind {k!r}")

@@ -824,6 +824,12 @@ def test_topic_builders() -> None:
     assert t.CTL_STATE == "fleet/v1/ctl/state"
     assert t.API_REQUEST == "fleet/v1/ctl/api/req"
     assert t.api_reply("fleetctl-1") == "fleet/v1/ctl/api/reply/fleetctl-1"
+    assert t.trust_root(3) == "fleet/v1/trust/root/3"
+    assert t.TRUST_ROOTS == "fleet/v1/trust/root/+"
+    assert t.parse("fleet/v1/trust/root/12") == t.TopicInfo(kind="trust_root", version=12)
+    for bad in (0, -1, True, "2", 2.0, 2**31, None):
+        with pytest.raises(ValueError):
+            t.trust_root(bad)  # type: ignore[arg-type]
     assert t.all_devices("telemetry") == "fleet/v1/dev/+/telemetry"
     assert t.inbox_filter(DEV) == "fleet/v1/dev/pi-0042/inbox/#"
     assert t.infer_filter("cloud-1") == "fleet/v1/node/cloud-1/infer/+"
@@ -837,6 +843,7 @@ def test_topics_parse_back(device: str, node: str, model: str, client: str, sha:
         *(t.device_topic(device, k) for k in t.DEVICE_KINDS),
         t.chunk_inbox(device, sha), t.infer_inbox(device),
         t.artifact_request(sha), t.infer(node, model), t.CTL_STATE, t.API_REQUEST, t.api_reply(client),
+        t.trust_root(len(sha) + len(device)),
     ]
     assert {t.parse(topic).kind for topic in built} == set(t.TOPICS)
     for topic in built:
@@ -888,6 +895,9 @@ def test_bad_sha256_refused(bad: Any) -> None:
     "fleet/v1/node/a/infer", "fleet/v1/node/a/infer/m/x", "fleet/v1/node/a/run/m", "fleet/v1/ctl",
     "fleet/v1/ctl/state/x", "fleet/v1/ctl/api", "fleet/v1/ctl/api/reply", "fleet/v1/ctl/api/reply/#",
     "$share/g/fleet/v1/ctl/state", "/fleet/v1/ctl/state", "other/v1/ctl/state",
+    "fleet/v1/trust/root", "fleet/v1/trust/root/0", "fleet/v1/trust/root/02", "fleet/v1/trust/root/-1",
+    "fleet/v1/trust/root/x", "fleet/v1/trust/root/2/x", "fleet/v1/trust/root/+", "fleet/v1/trust/root/99999999999",
+    "fleet/v1/trust/root/2147483648", "fleet/v1/trust/deploy/2",
 ])
 def test_foreign_topics_do_not_parse(topic: str) -> None:
     with pytest.raises(ValueError):
@@ -919,9 +929,10 @@ def test_filter_matching(flt: str, topic: str, hit: bool) -> None:
 
 def test_topic_table() -> None:
     assert set(t.TOPICS) == {"state", "desired", "cmd", "reply", "events", "telemetry", "chunk_inbox",
-                             "infer_inbox", "artifact_req", "infer", "ctl_state", "api_req", "api_reply"}
-    assert {k for k, s in t.TOPICS.items() if s.retained} == {"state", "desired", "ctl_state"}
-    assert {k for k, s in t.TOPICS.items() if s.signed} == {"desired", "cmd"}
+                             "infer_inbox", "artifact_req", "infer", "ctl_state", "api_req", "api_reply",
+                             "trust_root"}
+    assert {k for k, s in t.TOPICS.items() if s.retained} == {"state", "desired", "ctl_state", "trust_root"}
+    assert {k for k, s in t.TOPICS.items() if s.signed} == {"desired", "cmd", "trust_root"}
     for spec in t.TOPICS.values():
         assert spec.qos in (0, 1, 2)
         assert spec.payload in m.KINDS
@@ -938,7 +949,7 @@ def test_subscriptions_and_acl_cover_exactly_what_a_device_owns() -> None:
         return any(t.matches(f, topic) for f in filters)
 
     for topic in (t.desired(DEV), t.cmd(DEV), t.chunk_inbox(DEV, SHA), t.infer_inbox(DEV), t.CTL_STATE,
-                  t.infer(DEV, "kws")):
+                  t.infer(DEV, "kws"), t.trust_root(2), t.trust_root(17)):
         assert can(subs, topic), topic
     for topic in (t.desired("pi-7"), t.cmd("pi-7"), t.chunk_inbox("pi-7", SHA), t.telemetry("pi-7"),
                   t.infer("pi-7", "kws"), t.api_reply("x")):
@@ -947,7 +958,7 @@ def test_subscriptions_and_acl_cover_exactly_what_a_device_owns() -> None:
                   t.infer("cloud-1", "kws"), t.infer_inbox("pi-7")):
         assert can(acl.publish, topic), topic
     for topic in (t.desired(DEV), t.cmd(DEV), t.state("pi-7"), t.telemetry("pi-7"), t.chunk_inbox("pi-7", SHA),
-                  t.chunk_inbox(DEV, SHA), t.CTL_STATE, t.API_REQUEST, t.api_reply("x")):
+                  t.chunk_inbox(DEV, SHA), t.CTL_STATE, t.API_REQUEST, t.api_reply("x"), t.trust_root(2)):
         assert not can(acl.publish, topic), topic
     ctl = [f for f, _ in t.controller_subscriptions("ctl")]
     assert t.all_devices("state") in ctl  # every replica sees every birth and death
