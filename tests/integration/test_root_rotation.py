@@ -7,7 +7,10 @@ agents (subprocesses) on a real broker, and the real ``fleetctl keys rotate``.
    the new deploy key, the old one retired -- is accepted and served. Nothing restarts.
 2. A device offline during two rotations walks v2 then v3 when it returns, and takes the
    next deploy like the device that stayed online.
-3. The broker ACLs on amqtt and Mosquitto: a device reads the retained roots and cannot
+3. A real agent fed roots straight from the test: a bad v2 is refused (a ``rejected`` event,
+   nothing changes), a v3 ahead of v2 waits, the good v2 brings v2 then v3, and the desired
+   state refused for an unknown key before is accepted after the rotation on its own.
+4. The broker ACLs on amqtt and Mosquitto: a device reads the retained roots and cannot
    publish one.
 """
 
@@ -23,8 +26,10 @@ from typing import Any
 import pytest
 
 from controller.apiclient import ApiClient
+from tests import trustkit
+from tests.agentkit import AgentProcess, Keys, NotifyListener, Observer, desired_doc, write_config
 from tests.fleetkit import ControllerProcess, DeviceFleet, make_keys, push_model
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tests.integration.test_broker_acl import Fleet, f, fleet, observer  # noqa: F401 - the broker fixtures
 from edge_runtime.protocol import topics
 
@@ -147,6 +152,78 @@ def test_a_device_offline_during_two_rotations_walks_the_chain_when_it_returns(r
     for d in ("rot-on", "rot-off"):
         assert served_version(devs, d) == "2"
         assert not events(api, d, "rejected"), events(api, d, "rejected")
+
+
+# -- a real agent, roots from the test -------------------------------------------------------
+
+
+def test_a_real_agent_orders_the_roots_refuses_a_bad_one_and_rechecks_the_refused_document(amqtt_broker: Any,
+                                                                                             tmp_path: Path) -> None:
+    v1 = Keys()  # trustkit's keys: root1-3 (2 of 3), deploy1/deploy2, command1
+
+    def root(version: int) -> bytes:
+        body = trustkit.root_body(version, deploy=(f"deploy{version + 1}",), issued_at=v1.issued_at,
+                                  expires=v1.expires)
+        return trustkit.sign("root", body, ["root1", "root2"])
+
+    def bad_signature(data: bytes) -> bytes:
+        def flip(o: dict[str, Any]) -> None:
+            sig = o["signatures"][0]["sig"]
+            o["signatures"][0]["sig"] = ("A" if sig[0] != "A" else "B") + sig[1:]
+
+        return trustkit.edit(data, flip)
+
+    device, data_dir = "rot-agent", tmp_path / "data"
+    config = write_config(tmp_path / "agent.toml", device_id=device, data_dir=data_dir, broker_url=amqtt_broker.url,
+                          trust_root=v1.write_root(tmp_path / "root.json"), rest_port=free_port(),
+                          telemetry_interval_s=60, socket_path=Path("/tmp") / f"ef-rot-{free_port()}.sock")
+    state_file = data_dir / "trust" / "state.json"
+
+    def version() -> int:
+        return trustkit.floors_of(state_file).root_version
+
+    with NotifyListener() as notify, Observer(amqtt_broker.url, device) as obs, \
+            AgentProcess(config, notify=notify) as agent:
+        agent.wait_ready(30)
+        obs.wait_for(lambda o: any(st.online for st in o.states), 20, what="the birth")
+
+        def steps(step: str) -> list[Any]:
+            return [e for e in obs.events if e.step == step]
+
+        # a desired state signed by deploy4, which only root v3 names: refused for now
+        obs.publish_desired(desired_doc(device, 5, {}, signers=("deploy4",)))
+        obs.wait_for(lambda o: [e for e in steps("rejected") if e.reason == "unknown_key"], 20,
+                     what="the desired state refused (unknown_key)")
+        publish = obs.client.publish
+        publish(topics.trust_root(2), bad_signature(root(2)), qos=1, retain=True)
+        bad = obs.wait_for(lambda o: [e for e in steps("rejected") if e.figures.get("kind") == "root"], 20,
+                           what="the bad root refused")
+        assert bad[0].reason == "bad_signature"
+        before = state_file.read_bytes()
+        publish(topics.trust_root(3), root(3), qos=1, retain=True)  # ahead of v2: held
+        assert version() == 1 and state_file.read_bytes() == before and not steps("root_rotated")
+        publish(topics.trust_root(2), root(2), qos=1, retain=True)
+        rotated = obs.wait_for(lambda o: (lambda r: r if len(r) >= 2 else None)(steps("root_rotated")), 20,
+                               what="two root_rotated events")
+        assert [(e.figures["from_version"], e.figures["to_version"]) for e in rotated] == [(1, 2), (2, 3)]
+        assert version() == 3
+        # the refused desired state was checked again after the rotation, without a re-publish
+        obs.wait_for(lambda o: [e for e in steps("reconciled") if e.generation == 5], 20,
+                     what="generation 5 reconciled")
+
+        # restarted: still v3, and the retained chain on the broker is only re-delivered (no events)
+        n = len(obs.events)
+        agent.terminate()
+        again = AgentProcess(config, notify=notify)
+        with again:
+            again.wait_ready(30)
+            obs.wait_for(lambda o: len([s for s in o.states if s.online]) >= 2, 20, what="the second birth")
+            assert version() == 3
+            marker = desired_doc(device, 6, {}, signers=("deploy4",))
+            obs.publish_desired(marker)
+            obs.wait_for(lambda o: [e for e in o.events[n:] if e.step == "reconciled" and e.generation == 6], 20,
+                         what="generation 6 reconciled after the restart")
+            assert not [e for e in obs.events[n:] if e.step in ("root_rotated", "rejected")]
 
 
 # -- the broker ACLs --------------------------------------------------------------------------
