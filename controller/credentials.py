@@ -252,18 +252,33 @@ class UserDB:
         return cls(p, users)
 
     def save(self) -> None:
-        """Write the file atomically (temp + fsync + rename), readable by its owner only.
+        """Write the file atomically (temp + fsync + rename). A new file is readable by its
+        owner only; an existing one keeps its group and its group read bit (the broker's
+        service user reads it through its group: ``fleetctl broker user add`` run as root
+        must not take that away), never anything for others.
 
         Raises:
             UsersFileError: the write failed (the old file is unchanged).
         """
         doc = {"version": FILE_VERSION,
                "users": {u.name: {"role": u.role, "hash": u.hash} for u in self._users.values()}}
+        mode, gid = 0o600, None
+        try:
+            held = self.path.stat()
+            mode, gid = 0o600 | (held.st_mode & 0o040), held.st_gid
+        except OSError:
+            pass
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            durable.atomic_write_json(self.path, doc, mode=0o600)
+            durable.atomic_write_json(self.path, doc, mode=mode)
         except OSError as exc:
             raise UsersFileError(f"cannot write users file {self.path}: {exc}") from exc
+        if gid is not None and self.path.stat().st_gid != gid:
+            try:
+                os.chown(self.path, -1, gid)
+            except OSError as exc:
+                raise UsersFileError(f"wrote users file {self.path} but could not give it back its group "
+                                     f"{gid}: {exc}; run: chgrp {gid} {self.path}") from exc
 
     def add(self, name: str, role: str, password: str) -> User:
         """Add a user (in memory; ``save`` writes it).

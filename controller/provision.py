@@ -61,6 +61,7 @@ __all__ = ["ProvisionError", "provision", "device_config", "BUNDLE_FILES", "SECR
 
 DEVICE_ETC = Path("/etc/edge-runtime")
 DEVICE_DATA = Path("/var/lib/edge-runtime")
+DEVICE_SOCKET = Path("/run/edge-runtime/api.sock")  # systemd/edge-runtime.service: RuntimeDirectory=edge-runtime
 DEFAULT_KEYS_DIR = Path("keys")
 CONFIG, CERT, KEY, CA, ROOT, PASSWORD = "config.toml", "device.pem", "device.key", "ca.pem", "root.json", "broker.pass"
 BUNDLE_FILES = (CERT, KEY, CA, ROOT, PASSWORD, CONFIG)  # the order they are moved in: config.toml last
@@ -86,8 +87,9 @@ def device_config(device_id: str, groups: Sequence[str], broker_url: str, *, tie
         broker.update(ca_file=str(etc / CA), cert_file=str(etc / CERT), key_file=str(etc / KEY))
     if password:
         broker.update(username=device_id, password_file=str(etc / PASSWORD))
+    # The unit's RuntimeDirectory: applications in group edgefleet reach the fast path there.
     return {"device_id": device_id, "groups": list(groups), "tier": tier, "data_dir": str(DEVICE_DATA),
-            "trust_root": str(etc / ROOT), "broker": broker}
+            "trust_root": str(etc / ROOT), "broker": broker, "api": {"socket_path": str(DEVICE_SOCKET)}}
 
 
 def _validate(config: dict[str, Any], files: dict[str, Path]) -> None:

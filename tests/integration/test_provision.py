@@ -76,6 +76,7 @@ def test_a_provisioned_bundle_validates_and_installs_with_the_right_modes(fleet:
     config = load_remapped(out / "config.toml", out, tmp_path)
     assert (config.device_id, config.groups, config.tier) == ("pi-01", ("kitchen", "canary"), "edge")
     assert str(config.data_dir) == "/var/lib/edge-runtime"
+    assert str(config.api.socket_path) == "/run/edge-runtime/api.sock"  # the unit's RuntimeDirectory
     assert config.broker.url == BROKER and config.broker.tls and config.broker.username == "pi-01"
     raw = (out / "config.toml").read_text()
     for name in ("ca.pem", "device.pem", "device.key", "root.json", "broker.pass"):

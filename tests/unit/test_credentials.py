@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import shutil
+import os
 import stat
 import subprocess
 from pathlib import Path
@@ -96,6 +97,27 @@ def test_unknown_role_duplicate_and_missing_user(tmp_path: Path) -> None:
         db.add("x", "device", "pw")
     with pytest.raises(UnknownUser):
         db.remove("y")
+
+
+def test_saving_keeps_the_group_an_operator_gave_the_users_file(tmp_path: Path) -> None:
+    """The broker's service user reads the file through its group: a `user add` run as
+    root rewrites it and must keep that group and its read bit, and never open it to others."""
+    path = tmp_path / "users.json"
+    db = UserDB(path)
+    db.add("dev-1", "device", "pw1")
+    db.save()
+    # root may give it any group (CI runs as root); others one of their own groups
+    other_gid = 4242 if os.geteuid() == 0 else next((g for g in os.getgroups() if g != path.stat().st_gid), None)
+    os.chmod(path, 0o644)  # too open: the next save takes "others" away
+    if other_gid is not None:
+        os.chown(path, -1, other_gid)
+    db = UserDB.load(path)
+    db.add("dev-2", "device", "pw2")
+    db.save()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    if other_gid is not None:
+        assert path.stat().st_gid == other_gid
+    assert UserDB.load(path).verify("dev-2", "pw2") == "device"
 
 
 @pytest.mark.parametrize("content", ["not json", "[]", '{"version": 2, "users": {}}',
