@@ -74,6 +74,7 @@ PUBLISH_TIMEOUT_S = 5.0
 FLUSH_ON_STOP_S = 2.0
 STOP_BUDGET_S = 10.0
 REPLAN_S = 60.0  # re-plan at least this often (a step that failed may pass now)
+STEP_WATCHDOG_MAX_S = 600.0  # one loop step (an install) pinged through this long at most; past it, a hang
 REJECTION_EVENTS_PER_MIN = 30  # a flood of bad documents must not flood the outbox
 
 
@@ -332,6 +333,15 @@ class Agent:
         next_replan = time.monotonic() + REPLAN_S
         watchdog = sdnotify.watchdog_interval()
         next_watchdog = time.monotonic()
+        # an install step may outlast WatchdogSec on a slow board: pinged while it runs, up to a bound
+        busy = sdnotify.BusyWatchdog(watchdog, max_busy_s=STEP_WATCHDOG_MAX_S)
+        try:
+            self._serve_loop(watchdog, next_watchdog, next_telemetry, next_replan, busy)
+        finally:
+            busy.close()
+
+    def _serve_loop(self, watchdog: Optional[float], next_watchdog: float, next_telemetry: float,
+                    next_replan: float, busy: sdnotify.BusyWatchdog) -> None:
         while not self._stop.is_set():
             now = time.monotonic()
             if watchdog is not None and now >= next_watchdog:
@@ -344,7 +354,8 @@ class Agent:
                 self._reload = False
                 self._reload_config()
             try:
-                self._step()
+                with busy.busy():
+                    self._step()
             except Exception:  # a bug or a disk error: log, keep serving, try again next tick
                 log.exception("agent loop step failed")
                 self._stop.wait(1.0)

@@ -15,6 +15,11 @@ by a space so a status line cannot inject another assignment. Outside systemd (n
 ``$NOTIFY_SOCKET``) ``notify`` does nothing and returns False. It never raises: a failure
 to send is logged once at WARNING (later ones at DEBUG) and returns False — a daemon must
 not die because its supervisor went away.
+
+``BusyWatchdog`` keeps the pings going while the main loop is inside one long step (an
+install that verifies, loads and health-checks a large model on a slow board may outlast
+``WatchdogSec``), but only for ``max_busy_s``: a step stuck longer than that is a hang, and
+systemd's watchdog then restarts the service as it should.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Optional, Union
 
 log = logging.getLogger(__name__)
 
-__all__ = ["notify", "watchdog_interval", "notify_address"]
+__all__ = ["notify", "watchdog_interval", "notify_address", "BusyWatchdog"]
 
 _KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _warned = False
@@ -107,3 +114,41 @@ def _warn_once(message: str, *args: object) -> None:
     global _warned
     log.log(logging.DEBUG if _warned else logging.WARNING, message, *args)
     _warned = True
+
+
+class BusyWatchdog:
+    """Pings ``WATCHDOG=1`` every ``interval`` seconds from a thread while the caller is
+    inside ``busy()``, for at most ``max_busy_s`` of one busy stretch. Outside ``busy()`` it
+    sends nothing: the main loop pings for itself. ``interval`` None (no watchdog): a no-op."""
+
+    def __init__(self, interval: Optional[float], *, max_busy_s: float = 600.0) -> None:
+        self.interval = interval
+        self.max_busy_s = max_busy_s
+        self.pings = 0
+        self._since: Optional[float] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        if interval is not None:
+            self._thread = threading.Thread(target=self._run, name="watchdog-busy", daemon=True)
+            self._thread.start()
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        self._since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._since = None
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        assert self.interval is not None
+        while not self._stop.wait(self.interval):
+            since = self._since
+            if since is not None and time.monotonic() - since < self.max_busy_s:
+                notify(watchdog=True)
+                self.pings += 1

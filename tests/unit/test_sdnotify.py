@@ -142,3 +142,40 @@ def test_watchdog_interval_reads_the_process_environment(monkeypatch: pytest.Mon
     monkeypatch.setenv("WATCHDOG_USEC", "500000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     assert watchdog_interval() == 0.25
+
+
+def _drain_for(sock: socket.socket, seconds: float) -> list[bytes]:
+    """Every datagram arriving within ``seconds``, read as it comes: a Unix datagram queue
+    holds few (net.unix.max_dgram_qlen), and a sender blocks while it is full."""
+    out, end = [], time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            out.append(sock.recv(65536))
+        except socket.timeout:
+            break
+    sock.settimeout(5)
+    return out
+
+
+def test_busy_watchdog_pings_through_a_long_step_and_stops_at_its_bound(path_socket: socket.socket) -> None:
+    """Inside busy() the thread keeps systemd's watchdog fed; outside it sends nothing; a
+    step stuck past max_busy_s is left for the watchdog to catch."""
+    dog = sdnotify.BusyWatchdog(0.02, max_busy_s=0.3)
+    try:
+        assert _drain_for(path_socket, 0.1) == []  # idle: the main loop pings for itself, not the thread
+        with dog.busy():
+            during = _drain_for(path_socket, 0.3 + 0.05)  # the bound, plus a ping already under way
+            after = _drain_for(path_socket, 0.15)  # stuck past the bound: nothing more
+        assert len(during) >= 5 and set(during) == {b"WATCHDOG=1"}
+        assert after == []
+    finally:
+        dog.close()
+
+
+def test_busy_watchdog_without_a_watchdog_is_a_no_op(path_socket: socket.socket) -> None:
+    dog = sdnotify.BusyWatchdog(None)
+    with dog.busy():
+        pass
+    dog.close()
+    assert dog.pings == 0 and _pending(path_socket) == []
