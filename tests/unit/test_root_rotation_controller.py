@@ -7,7 +7,6 @@ publishes every root >= 2 before any desired document."""
 from __future__ import annotations
 
 import os
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,7 @@ from edge_runtime.protocol import messages, topics
 from edge_runtime.protocol.trust import Reason, Rejection, TrustedState
 from tests.agentkit import manifest_for
 from tests.fleetkit import make_keys
-
-T0 = float(int(time.time()))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
+from tests.unit.test_controller_parts import T0, Clock
 
 @pytest.fixture
 def parts(tmp_path: Path, model_files: dict[str, Path]) -> Any:
