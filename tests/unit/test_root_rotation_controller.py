@@ -7,6 +7,7 @@ publishes every root >= 2 before any desired document."""
 from __future__ import annotations
 
 import os
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
