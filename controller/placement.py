@@ -1,0 +1,815 @@
+"""The placement planner as pure functions: a fleet snapshot in, a plan out. No I/O, no clock
+(``Snapshot.now`` is the caller's time); the controller builds the snapshot from birth
+capacity and telemetry, calls ``plan``, and migrates per ``Plan.moves``.
+
+The model
+---------
+A *node* is any runtime (``tier`` "edge" or "cloud"). A *workload* is one (model, source
+device) pair: the applications on ``source`` call ``model`` at ``rate`` requests/s with a p95
+target ``slo_ms``; ``executor`` is the node that serves those calls now (``source`` when
+local). An assignment maps every (model, source) to exactly one executor.
+
+Latency. A node is an M/M/c queue with ``c = cores``. Its utilisation is
+
+    rho(n) = sum over workloads w it executes of rate(w) * S(n, model(w)) / 1000 / cores(n)
+
+with ``S(n, m)`` the measured mean service time (``Snapshot.service_ms``) or the model's
+reference ``Model.service_ms`` when the node has none. Requests of different models share
+the node's servers, so a workload's p95 is that of an M/M/c queue at the node's *total*
+utilisation with the workload's own service time:
+
+    p95(w) = rtt(source, executor) + S(n, m) * q95(rho(n), c)
+
+where ``q95(rho, c)`` is the 95th percentile of response time (wait + service) in units of
+the mean service time, from the Erlang C formula (``predict_p95_ms`` is the same thing for
+one stream). Response times scale with S at fixed rho and c, which is what makes the
+planner fast: a node's workloads all stay within their SLOs iff
+``q95(rho, c) <= min over them of (slo - rtt) / S``, one number per node.
+``rho >= 1`` gives an infinite p95. An offline executor gives an infinite p95.
+
+Round trips: 0 on the same node; else ``Snapshot.rtt_ms[(source, node)]``, else the reverse
+pair, else ``Policy.default_rtt_ms[(tier(source), tier(node))]``.
+
+Memory. A node's memory use is the sum of the *distinct* models it executes (one loaded copy
+serves every source routed to it) and must stay within ``Node.memory_bytes``. Assumption:
+every source keeps its own copy of the model on disk for fallback; disk is not modelled, and
+a source's local copy counts against its memory only while it executes the model itself.
+
+Dormant workloads: a workload whose *source* is offline has no callers. It keeps its
+executor, still holds memory there (nothing unloads it), adds no utilisation, is never
+counted as a violation and is never moved.
+
+Objective (lexicographic): fewest SLO violations, then lowest peak utilisation over online
+nodes, then fewest moves (``objective``). Hysteresis keeps plans from flapping: a workload
+moved less than ``cooldown_s`` ago is not moved again (unless its executor is offline), and
+a move is admissible only if it brings its workload back from an offline executor, removes
+its SLO violation, takes load off a node over the utilisation target, or cuts its predicted
+p95 by at least ``min_gain_ms``. A move never puts a node over its memory or the utilisation
+target, and never pushes a workload already on the target node over its SLO.
+
+The heuristic (``plan``)
+------------------------
+Rounds until nothing moves (at most ``_MAX_ROUNDS``), each in priority order:
+
+1. workloads on offline executors (reason ``offline_executor``);
+2. violating workloads, worst first (``slo_violation``);
+3. nodes over the utilisation target, highest first: their workloads, largest load first,
+   until the node is back under target (``over_utilisation``);
+4. workloads whose p95 can drop by ``min_gain_ms`` without raising the fleet's peak
+   utilisation (``latency_gain``).
+
+Candidate executors for a workload: its source, the least-loaded nodes that already run the
+model (a heap per model), and the least-loaded edge and cloud nodes (a heap per tier). Heaps
+are lazy (stale entries skipped), so a plan costs about O(workloads * k log nodes). Among
+admissible candidates the best is the one with (no violation, lowest resulting peak,
+lowest p95 + ``move_cost_ms``). A workload moves at most once per plan.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping, Optional
+
+__all__ = [
+    "Node",
+    "Model",
+    "Workload",
+    "Snapshot",
+    "Policy",
+    "Move",
+    "Plan",
+    "Evaluation",
+    "Objective",
+    "TIERS",
+    "REASONS",
+    "predict_p95_ms",
+    "queue_p95_factor",
+    "evaluate",
+    "objective",
+    "plan",
+    "apply_plan",
+    "check_snapshot",
+    "rtt_between",
+    "service_time_ms",
+]
+
+TIERS = ("edge", "cloud")
+REASONS = ("offline_executor", "slo_violation", "over_utilisation", "latency_gain")
+_QUANTILE_TAIL = 0.05  # p95
+_MAX_ROUNDS = 4
+_CANDIDATES_PER_MODEL = 3
+_CANDIDATES_PER_TIER = 3
+_MAX_HEAP_SCAN = 24
+
+Key = tuple[str, str]  # (model, source)
+
+
+# --------------------------------------------------------------------------- data model
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    tier: str  # "edge" | "cloud"
+    cores: int  # c servers of the M/M/c queue
+    memory_bytes: int  # memory available for models
+    accelerator: Optional[str] = None
+    online: bool = True
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    memory_bytes: int  # resident size when loaded on an executor
+    service_ms: float  # mean service time on a reference node, used when a node has no measurement
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str
+    source: str  # the device whose applications call it
+    rate: float  # requests/s measured
+    slo_ms: float  # p95 latency target
+    executor: str  # the node serving it now (== source when local)
+
+    @property
+    def key(self) -> Key:
+        return (self.model, self.source)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    nodes: tuple[Node, ...]
+    models: Mapping[str, Model]
+    workloads: tuple[Workload, ...]
+    service_ms: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (node, model) measured mean
+    rtt_ms: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (source, node) measured round trip
+    last_moved: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (model, source) -> time of last move
+    now: float = 0.0
+
+
+def _default_rtt() -> Mapping[tuple[str, str], float]:
+    return MappingProxyType(
+        {("edge", "edge"): 5.0, ("edge", "cloud"): 40.0, ("cloud", "edge"): 40.0, ("cloud", "cloud"): 5.0}
+    )
+
+
+@dataclass(frozen=True)
+class Policy:
+    utilisation_target: float = 0.7
+    min_gain_ms: float = 5.0  # a latency-only move must cut the workload's p95 by this much
+    cooldown_s: float = 600.0  # per workload, after a move
+    move_cost_ms: float = 2.0  # added to a moved workload's p95 when choosing; fewest moves as last tie-break
+    # (tier of source, tier of node) -> round trip when not measured; the same node is always 0
+    default_rtt_ms: Mapping[tuple[str, str], float] = field(default_factory=_default_rtt)
+    max_moves: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Move:
+    model: str
+    source: str
+    from_node: str
+    to_node: str
+    reason: str  # one of REASONS
+    p95_before_ms: float
+    p95_after_ms: float  # predicted for this workload at the state right after this move
+
+
+@dataclass(frozen=True)
+class Plan:
+    moves: tuple[Move, ...]
+    assignment: Mapping[tuple[str, str], str]  # (model, source) -> executor after the plan
+    violations_before: int
+    violations_after: int
+    peak_utilisation_before: float
+    peak_utilisation_after: float
+    method: str  # "heuristic" | "milp"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    p95_ms: Mapping[tuple[str, str], float]  # (model, source) -> predicted p95 (active workloads only)
+    utilisation: Mapping[str, float]  # node -> rho (every node)
+    memory_bytes: Mapping[str, int]  # node -> bytes of distinct models it executes
+    violating: tuple[tuple[str, str], ...]  # active workloads over their SLO, sorted
+    peak_utilisation: float  # max rho over online nodes
+    over_memory: tuple[str, ...]  # nodes whose models exceed their memory
+    over_target: tuple[str, ...]  # online nodes with rho > utilisation_target
+    offline_executors: tuple[str, ...]  # offline nodes serving an active workload
+
+    @property
+    def violations(self) -> int:
+        return len(self.violating)
+
+    @property
+    def feasible(self) -> bool:
+        """Memory within limits, every node within the utilisation target, no active
+        workload on an offline executor (SLO violations are the objective, not feasibility)."""
+        return not (self.over_memory or self.over_target or self.offline_executors)
+
+
+@dataclass(frozen=True, order=True)
+class Objective:
+    """Lexicographic: compare with ``<``; lower is better."""
+
+    violations: int
+    peak_utilisation: float
+    moves: int
+
+
+# --------------------------------------------------------------------------- queueing
+
+
+def _erlang_c(servers: int, rho: float) -> float:
+    """Probability that an arrival waits in M/M/c at per-server utilisation rho < 1."""
+    a = servers * rho
+    b = 1.0  # Erlang B, by the stable recurrence
+    for k in range(1, servers + 1):
+        b = a * b / (k + a * b)
+    return b / (1.0 - rho * (1.0 - b))
+
+
+def _tail(t: float, c_wait: float, theta: float) -> tuple[float, float]:
+    """P(T > t) and its density for T = S + W, S ~ Exp(1), W = 0 w.p. 1 - c_wait else Exp(theta)."""
+    e1 = math.exp(-t)
+    if abs(theta - 1.0) < 1e-9:
+        g = e1 * (1.0 + t)
+        h = t * e1
+    else:
+        et = math.exp(-theta * t)
+        g = (theta * e1 - et) / (theta - 1.0)
+        h = theta * (e1 - et) / (theta - 1.0)
+    return (1.0 - c_wait) * e1 + c_wait * g, (1.0 - c_wait) * e1 + c_wait * h
+
+
+def queue_p95_factor(rho: float, servers: int) -> float:
+    """p95 of M/M/c response time (wait + service) in units of the mean service time, at
+    per-server utilisation ``rho``; ``inf`` when ``rho >= 1``. Exact (Erlang C), solved by
+    safeguarded Newton on the closed-form tail."""
+    if servers < 1:
+        raise ValueError("servers must be >= 1")
+    if rho >= 1.0 or math.isnan(rho):
+        return math.inf
+    if rho <= 0.0:
+        return -math.log(_QUANTILE_TAIL)
+    c_wait = _erlang_c(servers, rho)
+    theta = servers * (1.0 - rho)
+    # P(S > a) + P(W > b) <= 0.05 with each term 0.025: an upper bracket.
+    hi = math.log(2 / _QUANTILE_TAIL) + max(0.0, math.log(2 * c_wait / _QUANTILE_TAIL)) / theta
+    lo = -math.log(_QUANTILE_TAIL)  # T >= S, so its p95 is at least S's
+    t = hi
+    for _ in range(100):
+        p, dens = _tail(t, c_wait, theta)
+        diff = p - _QUANTILE_TAIL
+        if abs(diff) < 1e-13:
+            break
+        if diff > 0:
+            lo = t
+        else:
+            hi = t
+        nxt = t + diff / dens if dens > 0 else (lo + hi) / 2
+        if not (lo < nxt < hi):
+            nxt = (lo + hi) / 2
+        if hi - lo < 1e-12 * hi:
+            break
+        t = nxt
+    return t
+
+
+def predict_p95_ms(rate: float, service_ms: float, servers: int, rtt_ms: float) -> float:
+    """Round trip plus the p95 of response time of an M/M/c queue (Erlang C) with arrival
+    ``rate`` (requests/s), mean ``service_ms`` and ``servers`` servers; ``inf`` when the
+    utilisation ``rate * service_ms / 1000 / servers`` is 1 or more.
+
+    Raises:
+        ValueError: negative rate or non-positive service time or servers.
+    """
+    if rate < 0 or service_ms <= 0 or servers < 1:
+        raise ValueError("rate must be >= 0, service_ms > 0 and servers >= 1")
+    rho = rate * service_ms / 1000.0 / servers
+    return rtt_ms + service_ms * queue_p95_factor(rho, servers)
+
+
+# --------------------------------------------------------------------------- snapshot checks
+
+
+def check_snapshot(snapshot: Snapshot) -> None:
+    """Raise ``ValueError`` naming the bad field; return None for a well-formed snapshot."""
+    ids: set[str] = set()
+    for i, n in enumerate(snapshot.nodes):
+        where = f"nodes[{i}]"
+        if not isinstance(n.id, str) or not n.id:
+            raise ValueError(f"{where}.id: must be a non-empty string")
+        if n.id in ids:
+            raise ValueError(f"{where}.id: duplicate node id {n.id!r}")
+        ids.add(n.id)
+        if n.tier not in TIERS:
+            raise ValueError(f"{where}.tier: {n.tier!r} is not one of {TIERS}")
+        if not isinstance(n.cores, int) or isinstance(n.cores, bool) or n.cores < 1:
+            raise ValueError(f"{where}.cores: must be an int >= 1, got {n.cores!r}")
+        if n.memory_bytes < 0:
+            raise ValueError(f"{where}.memory_bytes: negative ({n.memory_bytes})")
+    for name, m in snapshot.models.items():
+        if m.name != name:
+            raise ValueError(f"models[{name!r}].name: is {m.name!r}")
+        if m.memory_bytes < 0:
+            raise ValueError(f"models[{name!r}].memory_bytes: negative ({m.memory_bytes})")
+        if not (m.service_ms > 0 and math.isfinite(m.service_ms)):
+            raise ValueError(f"models[{name!r}].service_ms: must be > 0, got {m.service_ms!r}")
+    seen: set[Key] = set()
+    for i, w in enumerate(snapshot.workloads):
+        where = f"workloads[{i}]"
+        if w.model not in snapshot.models:
+            raise ValueError(f"{where}.model: unknown model {w.model!r}")
+        if w.source not in ids:
+            raise ValueError(f"{where}.source: unknown node {w.source!r}")
+        if w.executor not in ids:
+            raise ValueError(f"{where}.executor: unknown node {w.executor!r}")
+        if not (w.rate >= 0 and math.isfinite(w.rate)):
+            raise ValueError(f"{where}.rate: must be a finite number >= 0, got {w.rate!r}")
+        if not w.slo_ms > 0:
+            raise ValueError(f"{where}.slo_ms: must be > 0, got {w.slo_ms!r}")
+        if w.key in seen:
+            raise ValueError(f"{where}: duplicate workload (model {w.model!r}, source {w.source!r})")
+        seen.add(w.key)
+    for (node, model), v in snapshot.service_ms.items():
+        if node not in ids:
+            raise ValueError(f"service_ms[{(node, model)!r}]: unknown node {node!r}")
+        if model not in snapshot.models:
+            raise ValueError(f"service_ms[{(node, model)!r}]: unknown model {model!r}")
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"service_ms[{(node, model)!r}]: must be > 0, got {v!r}")
+    for (src, node), v in snapshot.rtt_ms.items():
+        if src not in ids or node not in ids:
+            raise ValueError(f"rtt_ms[{(src, node)!r}]: unknown node")
+        if not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"rtt_ms[{(src, node)!r}]: must be >= 0, got {v!r}")
+    for (model, source) in snapshot.last_moved:
+        if (model, source) not in seen:
+            raise ValueError(f"last_moved[{(model, source)!r}]: unknown workload")
+
+
+def _check_policy(policy: Policy) -> None:
+    if not 0 < policy.utilisation_target <= 1:
+        raise ValueError(f"utilisation_target: must be in (0, 1], got {policy.utilisation_target!r}")
+    if policy.min_gain_ms < 0 or policy.cooldown_s < 0 or policy.move_cost_ms < 0:
+        raise ValueError("min_gain_ms, cooldown_s and move_cost_ms must be >= 0")
+    if policy.max_moves is not None and policy.max_moves < 0:
+        raise ValueError("max_moves: must be >= 0")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def service_time_ms(snapshot: Snapshot, node: str, model: str) -> float:
+    """Measured mean service time of ``model`` on ``node``, else the model's reference."""
+    v = snapshot.service_ms.get((node, model))
+    return v if v is not None else snapshot.models[model].service_ms
+
+
+def _rtt(snapshot: Snapshot, policy: Policy, tiers: Mapping[str, str], source: str, node: str) -> float:
+    if source == node:
+        return 0.0
+    v = snapshot.rtt_ms.get((source, node))
+    if v is None:
+        v = snapshot.rtt_ms.get((node, source))
+    if v is None:
+        pair = (tiers[source], tiers[node])
+        v = policy.default_rtt_ms.get(pair)
+        if v is None:
+            v = policy.default_rtt_ms.get((pair[1], pair[0]), 0.0)
+    return v
+
+
+def rtt_between(snapshot: Snapshot, source: str, node: str, policy: Policy = Policy()) -> float:
+    """Round trip from ``source`` to ``node`` as the planner predicts it."""
+    return _rtt(snapshot, policy, {n.id: n.tier for n in snapshot.nodes}, source, node)
+
+
+def evaluate(
+    snapshot: Snapshot, assignment: Mapping[tuple[str, str], str], policy: Policy = Policy()
+) -> Evaluation:
+    """Predict every workload's p95 and every node's utilisation and memory under
+    ``assignment`` ((model, source) -> executor; a workload missing from it keeps its
+    current executor).
+
+    Raises:
+        ValueError: a malformed snapshot, or an assignment naming an unknown node or workload.
+    """
+    check_snapshot(snapshot)
+    nodes = {n.id: n for n in snapshot.nodes}
+    keys = {w.key for w in snapshot.workloads}
+    for k, ex in assignment.items():
+        if k not in keys:
+            raise ValueError(f"assignment[{k!r}]: unknown workload")
+        if ex not in nodes:
+            raise ValueError(f"assignment[{k!r}]: unknown node {ex!r}")
+    tiers = {n.id: n.tier for n in snapshot.nodes}
+    load = dict.fromkeys(nodes, 0.0)
+    loaded: dict[str, set[str]] = defaultdict(set)
+    execs: dict[Key, str] = {}
+    for w in snapshot.workloads:
+        ex = assignment.get(w.key, w.executor)
+        execs[w.key] = ex
+        loaded[ex].add(w.model)
+        if nodes[w.source].online:
+            load[ex] += w.rate * service_time_ms(snapshot, ex, w.model) / 1000.0
+    util = {nid: load[nid] / nodes[nid].cores for nid in nodes}
+    mem = {nid: sum(snapshot.models[m].memory_bytes for m in loaded.get(nid, ())) for nid in nodes}
+    q = {nid: queue_p95_factor(util[nid], nodes[nid].cores) for nid in loaded}
+    p95: dict[Key, float] = {}
+    violating = []
+    offline_execs = set()
+    for w in snapshot.workloads:
+        if not nodes[w.source].online:
+            continue
+        ex = execs[w.key]
+        if not nodes[ex].online:
+            p = math.inf
+            offline_execs.add(ex)
+        else:
+            p = _rtt(snapshot, policy, tiers, w.source, ex) + service_time_ms(snapshot, ex, w.model) * q[ex]
+        p95[w.key] = p
+        if p > w.slo_ms:
+            violating.append(w.key)
+    online = [nid for nid, n in nodes.items() if n.online]
+    return Evaluation(
+        p95_ms=p95,
+        utilisation=util,
+        memory_bytes=mem,
+        violating=tuple(sorted(violating)),
+        peak_utilisation=max((util[n] for n in online), default=0.0),
+        over_memory=tuple(sorted(n for n in nodes if mem[n] > nodes[n].memory_bytes)),
+        over_target=tuple(sorted(n for n in online if util[n] > policy.utilisation_target + 1e-12)),
+        offline_executors=tuple(sorted(offline_execs)),
+    )
+
+
+def objective(
+    snapshot: Snapshot, assignment: Mapping[tuple[str, str], str], policy: Policy = Policy()
+) -> Objective:
+    """The planner's objective for ``assignment``: (violations, peak utilisation, moves),
+    where moves counts workloads whose executor differs from the snapshot's."""
+    ev = evaluate(snapshot, assignment, policy)
+    moves = sum(1 for w in snapshot.workloads if assignment.get(w.key, w.executor) != w.executor)
+    return Objective(ev.violations, ev.peak_utilisation, moves)
+
+
+def apply_plan(snapshot: Snapshot, result: Plan) -> Snapshot:
+    """The snapshot after ``result`` is carried out at ``snapshot.now``: executors updated,
+    each moved workload's ``last_moved`` set to now. (For tests and the simulator.)"""
+    moved = {(m.model, m.source) for m in result.moves}
+    workloads = tuple(
+        Workload(w.model, w.source, w.rate, w.slo_ms, result.assignment.get(w.key, w.executor))
+        for w in snapshot.workloads
+    )
+    last = dict(snapshot.last_moved)
+    for k in moved:
+        last[k] = snapshot.now
+    return Snapshot(
+        nodes=snapshot.nodes,
+        models=snapshot.models,
+        workloads=workloads,
+        service_ms=snapshot.service_ms,
+        rtt_ms=snapshot.rtt_ms,
+        last_moved=last,
+        now=snapshot.now,
+    )
+
+
+# --------------------------------------------------------------------------- the heuristic
+
+
+class _State:
+    """Mutable planning state: loads, loaded models, per-node SLO margins, lazy heaps."""
+
+    def __init__(self, snapshot: Snapshot, policy: Policy):
+        self.s = snapshot
+        self.p = policy
+        self.nodes = {n.id: n for n in snapshot.nodes}
+        self.tiers = {n.id: n.tier for n in snapshot.nodes}
+        self.target = policy.utilisation_target
+        self.svc_measured = snapshot.service_ms
+        self.models = snapshot.models
+        self.work = {w.key: w for w in snapshot.workloads}
+        self.active = {w.key for w in snapshot.workloads if self.nodes[w.source].online}
+        self.exec: dict[Key, str] = {w.key: w.executor for w in snapshot.workloads}
+        self.load = dict.fromkeys(self.nodes, 0.0)  # busy servers (sum of rate * S)
+        self.model_count: dict[str, dict[str, int]] = defaultdict(dict)  # node -> model -> workloads
+        self.members: dict[str, set[Key]] = defaultdict(set)  # node -> active workloads it executes
+        for w in snapshot.workloads:
+            ex = w.executor
+            mc = self.model_count[ex]
+            mc[w.model] = mc.get(w.model, 0) + 1
+            if w.key in self.active:
+                self.load[ex] += w.rate * self.svc(ex, w.model) / 1000.0
+                self.members[ex].add(w.key)
+        self.mem = {
+            nid: sum(self.models[m].memory_bytes for m in self.model_count.get(nid, ())) for nid in self.nodes
+        }
+        self._q: dict[str, float] = {}
+        self._min_svc: dict[str, float] = {m: x.service_ms for m, x in self.models.items()}
+        for (_, m), v in snapshot.service_ms.items():
+            self._min_svc[m] = min(self._min_svc[m], v)
+        self.min_rtt = min([*policy.default_rtt_ms.values(), *snapshot.rtt_ms.values()], default=0.0)
+        self._margin: dict[str, float] = {}
+        self.version = dict.fromkeys(self.nodes, 0)
+        # lazy heaps of (utilisation, version, node)
+        self.tier_heap: dict[str, list] = {t: [] for t in TIERS}
+        self.model_heap: dict[str, list] = defaultdict(list)
+        self.peak_heap: list = []  # (-utilisation, version, node), online nodes only
+        for nid, n in self.nodes.items():
+            if n.online:
+                self._push(nid)
+
+    # -- basic quantities
+    def svc(self, node: str, model: str) -> float:
+        v = self.svc_measured.get((node, model))
+        return v if v is not None else self.models[model].service_ms
+
+    def min_svc(self, model: str) -> float:
+        return self._min_svc[model]
+
+    def util(self, node: str) -> float:
+        return self.load[node] / self.nodes[node].cores
+
+    def q(self, node: str) -> float:
+        v = self._q.get(node)
+        if v is None:
+            v = self._q[node] = queue_p95_factor(self.util(node), self.nodes[node].cores)
+        return v
+
+    def rtt(self, source: str, node: str) -> float:
+        return _rtt(self.s, self.p, self.tiers, source, node)
+
+    def p95(self, key: Key) -> float:
+        ex = self.exec[key]
+        if not self.nodes[ex].online:
+            return math.inf
+        w = self.work[key]
+        return self.rtt(w.source, ex) + self.svc(ex, w.model) * self.q(ex)
+
+    def violates(self, key: Key) -> bool:
+        return self.p95(key) > self.work[key].slo_ms
+
+    def margin(self, node: str) -> float:
+        """Largest q95 factor the node may reach without pushing a workload it serves within
+        its SLO over it (inf when none)."""
+        v = self._margin.get(node)
+        if v is None:
+            v = math.inf
+            cur = self.q(node)
+            for k in self.members[node]:
+                w = self.work[k]
+                s = self.svc(node, w.model)
+                r = self.rtt(w.source, node)
+                if r + s * cur <= w.slo_ms:  # only those meeting it now are protected
+                    v = min(v, (w.slo_ms - r) / s)
+            self._margin[node] = v
+        return v
+
+    # -- heaps
+    def _push(self, node: str) -> None:
+        u = self.util(node)
+        ver = self.version[node]
+        heapq.heappush(self.tier_heap[self.tiers[node]], (u, ver, node))
+        heapq.heappush(self.peak_heap, (-u, ver, node))
+        for m in self.model_count.get(node, ()):
+            heapq.heappush(self.model_heap[m], (u, ver, node))
+
+    def _least(self, heap: list, k: int, accept) -> list[str]:
+        """Up to k current entries of a lazy min-heap passing ``accept``; heap left intact."""
+        out, popped, scanned = [], [], 0
+        while heap and len(out) < k and scanned < _MAX_HEAP_SCAN:
+            entry = heapq.heappop(heap)
+            u, ver, node = entry
+            if ver != self.version[node]:
+                continue  # stale: dropped for good
+            popped.append(entry)
+            scanned += 1
+            if accept(node):
+                out.append(node)
+        for e in popped:
+            heapq.heappush(heap, e)
+        return out
+
+    def peak(self) -> float:
+        h = self.peak_heap
+        while h:
+            u, ver, node = h[0]
+            if ver == self.version[node]:
+                return -u
+            heapq.heappop(h)
+        return 0.0
+
+    def _touch(self, node: str) -> None:
+        self.version[node] += 1
+        self._q.pop(node, None)
+        self._margin.pop(node, None)
+        if self.nodes[node].online:
+            self._push(node)
+
+    # -- moves
+    def move(self, key: Key, to: str) -> None:
+        w = self.work[key]
+        frm = self.exec[key]
+        mc = self.model_count[frm]
+        mc[w.model] -= 1
+        if mc[w.model] == 0:
+            del mc[w.model]
+            self.mem[frm] -= self.models[w.model].memory_bytes
+        self.members[frm].discard(key)
+        self.load[frm] = max(0.0, self.load[frm] - w.rate * self.svc(frm, w.model) / 1000.0)
+        mt = self.model_count[to]
+        if w.model not in mt:
+            self.mem[to] += self.models[w.model].memory_bytes
+        mt[w.model] = mt.get(w.model, 0) + 1
+        self.members[to].add(key)
+        self.load[to] += w.rate * self.svc(to, w.model) / 1000.0
+        self.exec[key] = to
+        self._touch(frm)
+        self._touch(to)
+
+    def candidates(self, key: Key) -> list[str]:
+        w = self.work[key]
+        cur = self.exec[key]
+        out: list[str] = []
+        seen = {cur}
+
+        def add(n: str) -> None:
+            if n not in seen:
+                seen.add(n)
+                out.append(n)
+
+        if self.nodes[w.source].online:
+            add(w.source)
+        mbytes = self.models[w.model].memory_bytes
+
+        def fits(n: str) -> bool:
+            return n not in seen and (
+                w.model in self.model_count.get(n, ()) or self.mem[n] + mbytes <= self.nodes[n].memory_bytes
+            )
+
+        for n in self._least(self.model_heap.get(w.model, []), _CANDIDATES_PER_MODEL, lambda n: n not in seen):
+            add(n)
+        for tier in TIERS:
+            for n in self._least(self.tier_heap[tier], _CANDIDATES_PER_TIER, fits):
+                add(n)
+        return out
+
+    def try_at(self, key: Key, to: str) -> Optional[tuple[float, float]]:
+        """(utilisation after, p95 after) if ``to`` may take the workload, else None."""
+        w = self.work[key]
+        n = self.nodes[to]
+        if not n.online:
+            return None
+        if w.model not in self.model_count.get(to, ()) and (
+            self.mem[to] + self.models[w.model].memory_bytes > n.memory_bytes
+        ):
+            return None
+        s = self.svc(to, w.model)
+        u_after = (self.load[to] + w.rate * s / 1000.0) / n.cores
+        if u_after > self.target + 1e-12:
+            return None
+        qf = queue_p95_factor(u_after, n.cores)
+        if qf > self.margin(to) + 1e-12:
+            return None
+        return u_after, self.rtt(w.source, to) + s * qf
+
+
+def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
+    """The fast heuristic (module docstring). Deterministic for a given snapshot.
+
+    Raises:
+        ValueError: a malformed snapshot or policy (``check_snapshot``).
+    """
+    check_snapshot(snapshot)
+    _check_policy(policy)
+    before = evaluate(snapshot, {}, policy)
+    st = _State(snapshot, policy)
+    moves: list[Move] = []
+    frozen: set[Key] = set()  # moved in this plan
+    budget = policy.max_moves if policy.max_moves is not None else math.inf
+
+    def cooling(key: Key) -> bool:
+        t = snapshot.last_moved.get(key)
+        return t is not None and snapshot.now - t < policy.cooldown_s
+
+    def movable(key: Key) -> bool:
+        if key in frozen or key not in st.active:
+            return False
+        if not st.nodes[st.exec[key]].online:
+            return True  # an offline executor overrides the cooldown
+        return not cooling(key)
+
+    def best(key: Key, reason: str) -> bool:
+        """Move ``key`` to its best admissible candidate for ``reason``; True if moved."""
+        if len(moves) >= budget:
+            return False
+        w = st.work[key]
+        frm = st.exec[key]
+        p_before = st.p95(key)
+        viol_before = p_before > w.slo_ms
+        peak = st.peak()
+        choice = None
+        for cand in st.candidates(key):
+            r = st.try_at(key, cand)
+            if r is None:
+                continue
+            u_after, p_after = r
+            viol_after = p_after > w.slo_ms
+            if reason == "offline_executor":
+                ok = True
+            elif reason == "slo_violation":
+                ok = viol_before and not viol_after
+            elif reason == "over_utilisation":
+                ok = viol_after <= viol_before
+            else:  # latency_gain
+                ok = (
+                    not viol_after
+                    and p_before - p_after >= policy.min_gain_ms
+                    and u_after <= peak + 1e-12
+                )
+            if not ok:
+                continue
+            score = (viol_after, max(u_after, peak), p_after + policy.move_cost_ms, cand)
+            if choice is None or score < choice[0]:
+                choice = (score, cand, p_after)
+        if choice is None:
+            return False
+        _, to, p_after = choice
+        st.move(key, to)
+        frozen.add(key)
+        moves.append(Move(w.model, w.source, frm, to, reason, p_before, p_after))
+        return True
+
+    for _ in range(_MAX_ROUNDS):
+        n_before = len(moves)
+        # 1. offline executors
+        for key in sorted(k for k in st.active if not st.nodes[st.exec[k]].online):
+            if movable(key):
+                best(key, "offline_executor")
+        # 2. violations, worst first (excess, then load, descending)
+        viol = []
+        for key in st.active:
+            if movable(key):
+                p = st.p95(key)
+                w = st.work[key]
+                if p > w.slo_ms:
+                    viol.append((-(p - w.slo_ms), -w.rate * st.svc(st.exec[key], w.model), key))
+        viol.sort()
+        for _, _, key in viol:
+            if movable(key) and st.violates(key):
+                best(key, "slo_violation")
+        # 3. nodes over the utilisation target, highest first
+        over = sorted(
+            (-st.util(n), n) for n in st.nodes if st.nodes[n].online and st.util(n) > st.target + 1e-12
+        )
+        for _, node in over:
+            ks = sorted(
+                (k for k in st.members[node] if movable(k)),
+                key=lambda k: (-st.work[k].rate * st.svc(node, st.work[k].model), k),
+            )
+            for key in ks:
+                if st.util(node) <= st.target + 1e-12:
+                    break
+                best(key, "over_utilisation")
+        # 4. latency gains that do not raise the peak
+        for key in sorted(st.active):
+            if not movable(key):
+                continue
+            if _may_gain(st, key, policy.min_gain_ms):
+                best(key, "latency_gain")
+        if len(moves) == n_before:
+            break
+
+    assignment = MappingProxyType(dict(st.exec))
+    after = evaluate(snapshot, assignment, policy)
+    return Plan(
+        moves=tuple(moves),
+        assignment=assignment,
+        violations_before=before.violations,
+        violations_after=after.violations,
+        peak_utilisation_before=before.peak_utilisation,
+        peak_utilisation_after=after.peak_utilisation,
+        method="heuristic",
+    )
+
+
+def _may_gain(st: _State, key: Key, min_gain: float) -> bool:
+    """Cheap filter for step 4: could any node cut this workload's p95 by ``min_gain``?
+    The best conceivable p95 elsewhere is at least one bare service time (q95 >= ln 20)."""
+    w = st.work[key]
+    p = st.p95(key)
+    if math.isinf(p):
+        return True
+    floor = -math.log(_QUANTILE_TAIL) * st.min_svc(w.model)
+    if st.exec[key] == w.source:
+        floor += st.min_rtt  # staying home is the only way to pay no round trip
+    return p - floor >= min_gain
+
