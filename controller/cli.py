@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules with ``add_cli(subparsers, models_subparsers)``: the broker, the daemon, the
 # console commands and the demo.
 _PARTS = ("controller.broker", "controller.daemon", "controller.console", "controller.demo", "controller.ca",
-          "controller.provision")
+          "controller.provision", "controller.simulate")
 
 
 def main(argv: list[str] | None = None) -> int:
