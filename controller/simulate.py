@@ -41,10 +41,15 @@ workload-steps, peak utilisation (max and mean over the steps), moves in total a
 most moves of one workload (flapping shows there).
 
 Output: a table over time (sampled rows) and the summary table; ``--json`` prints one
-document ``{"params", "events", "series": {"static": [...], "rebalance": [...]},
-"summary": {"static": {...}, "rebalance": {...}}, "timing"}`` (only ``timing`` depends on
-the machine; everything else is a function of the arguments). Bad arguments are usage
-errors (exit 2).
+document ``{"params", "initial_moves", "initial_plans", "events", "series": {"static":
+[...], "rebalance": [...]}, "summary": {"static": {...}, "rebalance": {...}}, "moves":
+[the rebalancing arm's moves: step, model, source, from, to, reason, p95 before/after
+(null: infinite)], "timing"}`` (only ``timing`` depends on the machine; everything else is
+a function of the arguments). Bad arguments are usage errors (exit 2).
+
+Cost: a snapshot holds a round trip for every (edge device, node) pair, and the planner
+checks the whole snapshot on each call (three per step), so time grows with nodes squared:
+200 x 1000 for 60 steps takes seconds; 500 x 2500, about a second per step.
 """
 
 from __future__ import annotations
@@ -361,6 +366,7 @@ def simulate(nodes: int, workloads: int, scenario: str, *, steps: int = 60, seed
         initial_moves += len(warm.moves)
         if not warm.moves:
             break
+    initial_plans = len(plan_s)
     sc = build_scenario(scenario, fleet, steps=steps, seed=seed, start=start)
     assignment = {arm: dict(start) for arm in ARMS}
     last_moved: dict[tuple[str, str], float] = {}
@@ -396,6 +402,7 @@ def simulate(nodes: int, workloads: int, scenario: str, *, steps: int = 60, seed
                    "rebalance_every": rebalance_every, "step_s": STEP_S,
                    "edge_nodes": len(fleet.edge_ids), "cloud_nodes": len(fleet.cloud_ids)},
         "initial_moves": initial_moves,
+        "initial_plans": initial_plans,
         "events": sc.events,
         "series": series,
         "summary": summary,
@@ -446,8 +453,8 @@ def render(result: dict[str, Any], *, rows: int = 20) -> None:
     p = result["params"]
     out.print(f"simulate {p['scenario']}: {p['nodes']} nodes ({p['edge_nodes']} edge, {p['cloud_nodes']} cloud), "
               f"{p['workloads']} workloads, {p['steps']} steps of {p['step_s']:g} s, seed {p['seed']}, "
-              f"rebalance every {p['rebalance_every']} step(s); {result['initial_moves']} initial move(s) "
-              f"in both arms")
+              f"rebalance every {p['rebalance_every']} step(s); start: {result['initial_moves']} move(s) "
+              f"from {result['initial_plans']} plan(s) on the base rates, in both arms")
     events = {e["step"]: e["event"] for e in result["events"]}
     st, rb = result["series"]["static"], result["series"]["rebalance"]
     table_rows = []

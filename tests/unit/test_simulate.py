@@ -47,7 +47,7 @@ def test_fleet_is_deterministic_and_shaped() -> None:
 def test_run_is_deterministic(scenario: str) -> None:
     one = sim.simulate(N, M, scenario, steps=12, seed=9)
     two = sim.simulate(N, M, scenario, steps=12, seed=9)
-    for key in ("params", "events", "series", "summary", "initial_moves"):
+    for key in ("params", "events", "series", "summary", "moves", "initial_moves", "initial_plans"):
         assert one[key] == two[key]
     assert set(one["series"]) == {"static", "rebalance"} and len(one["series"]["static"]) == 12
 
