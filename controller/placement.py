@@ -49,14 +49,16 @@ target, and never pushes a workload already on the target node over its SLO.
 
 The heuristic (``plan``)
 ------------------------
-Rounds until nothing moves (at most ``_MAX_ROUNDS``), each in priority order:
+Rounds until nothing moves (a workload moves at most once per plan, so this ends), each
+in priority order:
 
 1. workloads on offline executors (reason ``offline_executor``);
 2. violating workloads, worst first (``slo_violation``);
 3. nodes over the utilisation target, highest first: their workloads, largest load first,
    until the node is back under target (``over_utilisation``);
-4. workloads whose p95 can drop by ``min_gain_ms`` without raising the fleet's peak
-   utilisation (``latency_gain``).
+4. workloads whose p95 can drop by ``max(min_gain_ms, move_cost_ms)`` without raising the
+   fleet's peak utilisation (``latency_gain``) — latency is not in the objective, so such a
+   move must not worsen it.
 
 Candidate executors for a workload: its source, the least-loaded nodes that already run the
 model (a heap per model), and the least-loaded edge and cloud nodes (a heap per tier). Heaps
@@ -100,10 +102,11 @@ __all__ = [
 TIERS = ("edge", "cloud")
 REASONS = ("offline_executor", "slo_violation", "over_utilisation", "latency_gain")
 _QUANTILE_TAIL = 0.05  # p95
-_MAX_ROUNDS = 4
 _CANDIDATES_PER_MODEL = 3
 _CANDIDATES_PER_TIER = 3
 _MAX_HEAP_SCAN = 24
+_EPS = 1e-9  # the heuristic's own checks keep this relative slack, so float drift in its
+# incremental loads never turns into a violation or an overrun when evaluate recomputes them
 
 Key = tuple[str, str]  # (model, source)
 
@@ -258,25 +261,34 @@ def queue_p95_factor(rho: float, servers: int) -> float:
     if rho <= 0.0:
         return -math.log(_QUANTILE_TAIL)
     c_wait = _erlang_c(servers, rho)
+    if c_wait <= 0.0:  # underflow: nobody waits
+        return -math.log(_QUANTILE_TAIL)
     theta = servers * (1.0 - rho)
     # P(S > a) + P(W > b) <= 0.05 with each term 0.025: an upper bracket.
     hi = math.log(2 / _QUANTILE_TAIL) + max(0.0, math.log(2 * c_wait / _QUANTILE_TAIL)) / theta
     lo = -math.log(_QUANTILE_TAIL)  # T >= S, so its p95 is at least S's
-    t = hi
-    for _ in range(100):
+    # Newton on log P(T > t), nearly linear for a mix of exponential tails; kept in [lo, hi].
+    target = math.log(_QUANTILE_TAIL)
+    t = lo
+    for _ in range(200):
         p, dens = _tail(t, c_wait, theta)
-        diff = p - _QUANTILE_TAIL
-        if abs(diff) < 1e-13:
-            break
-        if diff > 0:
-            lo = t
-        else:
-            hi = t
-        nxt = t + diff / dens if dens > 0 else (lo + hi) / 2
-        if not (lo < nxt < hi):
+        if p <= 0.0 or dens <= 0.0:
             nxt = (lo + hi) / 2
-        if hi - lo < 1e-12 * hi:
-            break
+        else:
+            diff = math.log(p) - target
+            if diff > 0:
+                lo = t
+            elif diff < 0:
+                hi = t
+            else:
+                return t
+            nxt = t + diff * p / dens
+            if abs(nxt - t) <= 1e-12 * t:
+                return nxt
+            if not (lo <= nxt <= hi):
+                nxt = (lo + hi) / 2
+        if hi - lo <= 1e-12 * hi:
+            return nxt
         t = nxt
     return t
 
@@ -402,6 +414,10 @@ def evaluate(
         ValueError: a malformed snapshot, or an assignment naming an unknown node or workload.
     """
     check_snapshot(snapshot)
+    return _evaluate(snapshot, assignment, policy)
+
+
+def _evaluate(snapshot: Snapshot, assignment: Mapping[tuple[str, str], str], policy: Policy) -> Evaluation:
     nodes = {n.id: n for n in snapshot.nodes}
     keys = {w.key for w in snapshot.workloads}
     for k, ex in assignment.items():
@@ -494,6 +510,7 @@ class _State:
         self.nodes = {n.id: n for n in snapshot.nodes}
         self.tiers = {n.id: n.tier for n in snapshot.nodes}
         self.target = policy.utilisation_target
+        self.min_gain = max(policy.min_gain_ms, policy.move_cost_ms, 1e-6)
         self.svc_measured = snapshot.service_ms
         self.models = snapshot.models
         self.work = {w.key: w for w in snapshot.workloads}
@@ -518,6 +535,7 @@ class _State:
             self._min_svc[m] = min(self._min_svc[m], v)
         self.min_rtt = min([*policy.default_rtt_ms.values(), *snapshot.rtt_ms.values()], default=0.0)
         self._margin: dict[str, float] = {}
+        self._scan: dict[str, tuple[list, list]] = {}
         self.version = dict.fromkeys(self.nodes, 0)
         # lazy heaps of (utilisation, version, node)
         self.tier_heap: dict[str, list] = {t: [] for t in TIERS}
@@ -607,8 +625,25 @@ class _State:
             heapq.heappop(h)
         return 0.0
 
+    def scan(self, node: str) -> tuple[list, list]:
+        """The node's violating workloads as (-excess, -load, key) and the keys that pass
+        the latency-gain filter; cached until the node changes."""
+        v = self._scan.get(node)
+        if v is None:
+            viol, gain = [], []
+            for key in self.members[node]:
+                w = self.work[key]
+                p = self.p95(key)
+                if p > w.slo_ms:
+                    viol.append((-(p - w.slo_ms), -w.rate * self.svc(node, w.model), key))
+                if _may_gain(self, key, self.min_gain):
+                    gain.append(key)
+            v = self._scan[node] = (viol, gain)
+        return v
+
     def _touch(self, node: str) -> None:
         self.version[node] += 1
+        self._scan.pop(node, None)
         self._q.pop(node, None)
         self._margin.pop(node, None)
         if self.nodes[node].online:
@@ -662,8 +697,9 @@ class _State:
                 add(n)
         return out
 
-    def try_at(self, key: Key, to: str) -> Optional[tuple[float, float]]:
-        """(utilisation after, p95 after) if ``to`` may take the workload, else None."""
+    def try_at(self, key: Key, to: str, limit: float = math.inf) -> Optional[tuple[float, float]]:
+        """(utilisation after, p95 after) if ``to`` may take the workload with a p95 of at
+        most ``limit``, else None."""
         w = self.work[key]
         n = self.nodes[to]
         if not n.online:
@@ -674,12 +710,15 @@ class _State:
             return None
         s = self.svc(to, w.model)
         u_after = (self.load[to] + w.rate * s / 1000.0) / n.cores
-        if u_after > self.target + 1e-12:
+        if u_after > self.target * (1 - _EPS):
+            return None
+        r = self.rtt(w.source, to)
+        if r + s * self.q(to) > limit:  # its p95 there is at least this, before it adds load
             return None
         qf = queue_p95_factor(u_after, n.cores)
-        if qf > self.margin(to) + 1e-12:
+        if qf > self.margin(to) * (1 - _EPS):
             return None
-        return u_after, self.rtt(w.source, to) + s * qf
+        return u_after, r + s * qf
 
 
 def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
@@ -690,11 +729,13 @@ def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
     """
     check_snapshot(snapshot)
     _check_policy(policy)
-    before = evaluate(snapshot, {}, policy)
+    before = _evaluate(snapshot, {}, policy)
     st = _State(snapshot, policy)
     moves: list[Move] = []
     frozen: set[Key] = set()  # moved in this plan
     budget = policy.max_moves if policy.max_moves is not None else math.inf
+    # a latency-only move must beat min_gain and its own cost, and gain something
+    min_gain = max(policy.min_gain_ms, policy.move_cost_ms, 1e-6)
 
     def cooling(key: Key) -> bool:
         t = snapshot.last_moved.get(key)
@@ -716,13 +757,19 @@ def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
         p_before = st.p95(key)
         viol_before = p_before > w.slo_ms
         peak = st.peak()
+        if reason == "offline_executor" or (reason == "over_utilisation" and viol_before):
+            limit = math.inf
+        elif reason == "latency_gain":
+            limit = min(w.slo_ms, p_before - min_gain)
+        else:
+            limit = w.slo_ms
         choice = None
         for cand in st.candidates(key):
-            r = st.try_at(key, cand)
+            r = st.try_at(key, cand, limit)
             if r is None:
                 continue
             u_after, p_after = r
-            viol_after = p_after > w.slo_ms
+            viol_after = p_after > w.slo_ms * (1 - _EPS)
             if reason == "offline_executor":
                 ok = True
             elif reason == "slo_violation":
@@ -732,7 +779,7 @@ def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
             else:  # latency_gain
                 ok = (
                     not viol_after
-                    and p_before - p_after >= policy.min_gain_ms
+                    and p_before - p_after >= min_gain
                     and u_after <= peak + 1e-12
                 )
             if not ok:
@@ -748,21 +795,14 @@ def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
         moves.append(Move(w.model, w.source, frm, to, reason, p_before, p_after))
         return True
 
-    for _ in range(_MAX_ROUNDS):
+    while True:  # to a fixpoint; ends, as a workload moves at most once per plan
         n_before = len(moves)
         # 1. offline executors
         for key in sorted(k for k in st.active if not st.nodes[st.exec[k]].online):
             if movable(key):
                 best(key, "offline_executor")
         # 2. violations, worst first (excess, then load, descending)
-        viol = []
-        for key in st.active:
-            if movable(key):
-                p = st.p95(key)
-                w = st.work[key]
-                if p > w.slo_ms:
-                    viol.append((-(p - w.slo_ms), -w.rate * st.svc(st.exec[key], w.model), key))
-        viol.sort()
+        viol = sorted(v for n in st.nodes for v in st.scan(n)[0] if movable(v[2]))
         for _, _, key in viol:
             if movable(key) and st.violates(key):
                 best(key, "slo_violation")
@@ -780,16 +820,14 @@ def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
                     break
                 best(key, "over_utilisation")
         # 4. latency gains that do not raise the peak
-        for key in sorted(st.active):
-            if not movable(key):
-                continue
-            if _may_gain(st, key, policy.min_gain_ms):
+        for key in sorted(k for n in st.nodes for k in st.scan(n)[1]):
+            if movable(key) and _may_gain(st, key, min_gain):
                 best(key, "latency_gain")
         if len(moves) == n_before:
             break
 
     assignment = MappingProxyType(dict(st.exec))
-    after = evaluate(snapshot, assignment, policy)
+    after = _evaluate(snapshot, assignment, policy)
     return Plan(
         moves=tuple(moves),
         assignment=assignment,
