@@ -417,42 +417,67 @@ def evaluate(
     return _evaluate(snapshot, assignment, policy)
 
 
-def _evaluate(snapshot: Snapshot, assignment: Mapping[tuple[str, str], str], policy: Policy) -> Evaluation:
+def _evaluate(
+    snapshot: Snapshot,
+    assignment: Mapping[tuple[str, str], str],
+    policy: Policy,
+    base: Optional[Evaluation] = None,
+    changed: Optional[set[str]] = None,
+) -> Evaluation:
+    """``evaluate`` without the snapshot check. With ``base`` (the evaluation of the
+    snapshot's own executors) and ``changed`` (every node a workload left or joined), only
+    those nodes and their workloads are recomputed."""
     nodes = {n.id: n for n in snapshot.nodes}
-    keys = {w.key for w in snapshot.workloads}
-    for k, ex in assignment.items():
-        if k not in keys:
-            raise ValueError(f"assignment[{k!r}]: unknown workload")
-        if ex not in nodes:
-            raise ValueError(f"assignment[{k!r}]: unknown node {ex!r}")
+    if assignment:
+        keys = {(w.model, w.source) for w in snapshot.workloads}
+        for k, ex in assignment.items():
+            if k not in keys:
+                raise ValueError(f"assignment[{k!r}]: unknown workload")
+            if ex not in nodes:
+                raise ValueError(f"assignment[{k!r}]: unknown node {ex!r}")
+    incremental = base is not None and changed is not None
     tiers = {n.id: n.tier for n in snapshot.nodes}
-    load = dict.fromkeys(nodes, 0.0)
-    loaded: dict[str, set[str]] = defaultdict(set)
-    execs: dict[Key, str] = {}
+    measured = snapshot.service_ms
+    models = snapshot.models
+    todo = changed if incremental else nodes
+    load = dict.fromkeys(todo, 0.0)
+    loaded: dict[str, set[str]] = {nid: set() for nid in todo}
+    execs: list[str] = []
     for w in snapshot.workloads:
-        ex = assignment.get(w.key, w.executor)
-        execs[w.key] = ex
-        loaded[ex].add(w.model)
-        if nodes[w.source].online:
-            load[ex] += w.rate * service_time_ms(snapshot, ex, w.model) / 1000.0
-    util = {nid: load[nid] / nodes[nid].cores for nid in nodes}
-    mem = {nid: sum(snapshot.models[m].memory_bytes for m in loaded.get(nid, ())) for nid in nodes}
-    q = {nid: queue_p95_factor(util[nid], nodes[nid].cores) for nid in loaded}
-    p95: dict[Key, float] = {}
-    violating = []
+        ex = assignment.get((w.model, w.source), w.executor) if assignment else w.executor
+        execs.append(ex)
+        if ex in loaded:
+            loaded[ex].add(w.model)
+            if nodes[w.source].online:
+                svc = measured.get((ex, w.model))
+                load[ex] += w.rate * (svc if svc is not None else models[w.model].service_ms) / 1000.0
+    util = dict(base.utilisation) if incremental else {}
+    mem = dict(base.memory_bytes) if incremental else {}
+    q = {}
+    for nid in todo:
+        util[nid] = load[nid] / nodes[nid].cores
+        mem[nid] = sum(models[m].memory_bytes for m in loaded[nid])
+        if loaded[nid]:
+            q[nid] = queue_p95_factor(util[nid], nodes[nid].cores)
+    p95: dict[Key, float] = dict(base.p95_ms) if incremental else {}
     offline_execs = set()
-    for w in snapshot.workloads:
+    for w, ex in zip(snapshot.workloads, execs):
         if not nodes[w.source].online:
             continue
-        ex = execs[w.key]
         if not nodes[ex].online:
-            p = math.inf
             offline_execs.add(ex)
+        if incremental and ex not in todo:
+            continue  # neither it nor its node changed
+        key = (w.model, w.source)
+        if not nodes[ex].online:
+            p95[key] = math.inf
         else:
-            p = _rtt(snapshot, policy, tiers, w.source, ex) + service_time_ms(snapshot, ex, w.model) * q[ex]
-        p95[w.key] = p
-        if p > w.slo_ms:
-            violating.append(w.key)
+            svc = measured.get((ex, w.model))
+            p95[key] = _rtt(snapshot, policy, tiers, w.source, ex) + (
+                svc if svc is not None else models[w.model].service_ms
+            ) * q[ex]
+    slo = {(w.model, w.source): w.slo_ms for w in snapshot.workloads}
+    violating = [k for k, p in p95.items() if p > slo[k]]
     online = [nid for nid, n in nodes.items() if n.online]
     return Evaluation(
         p95_ms=p95,
@@ -827,7 +852,8 @@ def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
             break
 
     assignment = MappingProxyType(dict(st.exec))
-    after = _evaluate(snapshot, assignment, policy)
+    changed = {m.from_node for m in moves} | {m.to_node for m in moves}
+    after = _evaluate(snapshot, assignment, policy, before, changed)
     return Plan(
         moves=tuple(moves),
         assignment=assignment,
