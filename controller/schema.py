@@ -16,6 +16,11 @@ pydantic models' ``model_dump(mode="json")``). Names and ids follow ``topics.ID_
     rollouts           one row per deploy: its plan, state machine position and a CAS ``revision``;
                        at most one per model pending/running/paused (a partial unique index)
     rollout_devices    one row per (rollout, device): wave, previous version, step state
+    migrations         one row per make-before-break move of (model, source) from one executor to
+                       another: state machine position, step deadline, CAS ``revision``; at most one
+                       active per (model, source) (a partial unique index). Added without a schema
+                       version bump: ``create_all`` adds the table to an existing database and a
+                       controller that predates it ignores it.
     telemetry          raw samples, unique on (device_id, seq): a redelivery is not stored twice
     telemetry_models   per sample and model: deltas of calls/errors and the interval's p95 (gates, top)
     rollups            per (model, version, hour): calls, errors, p95 weighted sums (kept after raw expires;
@@ -35,6 +40,10 @@ SCHEMA_VERSION = 1
 # Rollout states in which a rollout still owns its model (``rollout.ACTIVE_STATES``): at most
 # one rollout per model may be in one of them (a partial unique index, below).
 ACTIVE_ROLLOUT_STATES = ("pending", "running", "paused")
+
+# Migration states that still move (``migration.ACTIVE_STATES``): at most one migration per
+# (model, source) may be in one of them.
+ACTIVE_MIGRATION_STATES = ("pending", "deploying", "switching", "unloading", "reverting")
 
 metadata = sa.MetaData()
 
@@ -172,6 +181,37 @@ rollout_devices = sa.Table(
     sa.Column("reason", sa.String(64)),
     sa.Column("detail", sa.Text),
     sa.Index("ix_rollout_devices_device", "device_id"),
+)
+
+migrations = sa.Table(
+    "migrations", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model", _ID, nullable=False),
+    sa.Column("version", _VERSION, nullable=False),  # the version the source runs, deployed to the target
+    sa.Column("source", _ID, nullable=False),  # the device whose calls move
+    sa.Column("from_node", _ID, nullable=False),  # the executor before (the source itself when local)
+    sa.Column("to_node", _ID, nullable=False),  # the executor after
+    sa.Column("target_had", sa.Boolean, nullable=False, default=False),  # to_node held an assignment already
+    sa.Column("state", sa.String(16), nullable=False),  # migration.STATES
+    sa.Column("timeouts", sa.JSON, nullable=False),  # migration.Timeouts as a dict
+    sa.Column("step_started_at", sa.Float),
+    sa.Column("deadline", sa.Float),  # of the current step
+    sa.Column("reason", sa.Text),  # why it was started (operator, or the planner's reason)
+    sa.Column("prediction", sa.JSON),  # the planner's p95 before/after, when it came from a plan
+    sa.Column("failure", sa.String(64)),  # why it reverted / failed (a typed code)
+    sa.Column("detail", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("created_by", sa.String(128), nullable=False),
+    sa.Column("revision", sa.BigInteger, nullable=False, default=0),  # compare-and-set between replicas
+    sa.Index("ix_migrations_state", "state"),
+)
+# One active migration per workload (model, source), also when two replicas start one together.
+sa.Index(
+    "ux_migrations_active_workload", migrations.c.model, migrations.c.source, unique=True,
+    sqlite_where=migrations.c.state.in_(ACTIVE_MIGRATION_STATES),
+    postgresql_where=migrations.c.state.in_(ACTIVE_MIGRATION_STATES),
 )
 
 telemetry = sa.Table(

@@ -48,7 +48,7 @@ from edge_runtime.errors import EdgeRuntimeError
 __all__ = [
     "Store", "StoreError", "NotFound", "Conflict", "StoreUnavailable", "Incomplete", "DigestMismatch",
     "DeviceRecord", "ReleaseRecord", "Assignment", "DesiredRecord", "RolloutRecord", "StepRecord",
-    "CommandRecord", "ModelWindow", "Report",
+    "CommandRecord", "ModelWindow", "Report", "MigrationRecord",
 ]
 
 
@@ -183,6 +183,33 @@ class RolloutRecord:
     created_by: str
     revision: int
     steps: tuple[StepRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class MigrationRecord:
+    """One make-before-break move of (model, source) from ``from_node`` to ``to_node``
+    (``controller.migration`` reads and decides it)."""
+
+    id: int
+    model: str
+    version: str
+    source: str
+    from_node: str
+    to_node: str
+    target_had: bool
+    state: str
+    timeouts: dict[str, Any]
+    step_started_at: Optional[float]
+    deadline: Optional[float]
+    reason: Optional[str]
+    prediction: Optional[dict[str, Any]]
+    failure: Optional[str]
+    detail: Optional[str]
+    created_at: float
+    updated_at: float
+    finished_at: Optional[float]
+    created_by: str
+    revision: int
 
 
 @dataclass(frozen=True)
@@ -957,6 +984,108 @@ class Store:
                 ro.c.state.in_(schema.ACTIVE_ROLLOUT_STATES), rd.c.state.in_(_MOVING_STEPS)))
         return self._read(lambda conn: [StepRecord(**r) for r in conn.execute(q).mappings()])
 
+    # -- migrations -------------------------------------------------------------------------
+
+    def create_migration(self, *, model: str, version: str, source: str, from_node: str, to_node: str,
+                         target_had: bool, timeouts: dict[str, Any], reason: Optional[str],
+                         prediction: Optional[dict[str, Any]] = None, created_by: str,
+                         now: float) -> MigrationRecord:
+        """A new migration in state "pending".
+
+        Raises:
+            Conflict: another migration of (model, source) is active (also when another
+                replica created one at the same moment).
+        """
+        mi = schema.migrations
+
+        def fn(conn: sa.Connection) -> MigrationRecord:
+            other = conn.execute(sa.select(mi.c.id, mi.c.state).where(
+                mi.c.model == model, mi.c.source == source,
+                mi.c.state.in_(schema.ACTIVE_MIGRATION_STATES))).first()
+            if other is not None:
+                raise _migration_conflict(model, source, other[0], other[1])
+            mid = conn.execute(sa.insert(mi).values(
+                model=model, version=version, source=source, from_node=from_node, to_node=to_node,
+                target_had=target_had, state="pending", timeouts=timeouts, reason=reason, prediction=prediction,
+                created_at=now, updated_at=now, created_by=created_by, revision=0,
+            ).returning(mi.c.id)).scalar_one()
+            return self._migration(conn, int(mid))
+
+        try:
+            return self._write(fn)
+        except sa.exc.IntegrityError as exc:
+            if not _migration_index(exc):
+                raise
+            raise Conflict(f"another migration of {model} for {source} became active at the same moment: "
+                           "see fleetctl migrations ls") from exc
+
+    def get_migration(self, migration_id: int) -> MigrationRecord:
+        """Raises NotFound."""
+        return self._read(lambda conn: self._migration(conn, migration_id))
+
+    def _migration(self, conn: sa.Connection, migration_id: int) -> MigrationRecord:
+        mi = schema.migrations
+        row = conn.execute(sa.select(mi).where(mi.c.id == migration_id)).mappings().first()
+        if row is None:
+            raise NotFound(f"no migration {migration_id}: fleetctl migrations ls shows the existing ones")
+        return MigrationRecord(**{**row, "target_had": bool(row["target_had"])})
+
+    def list_migrations(self, *, states: Optional[tuple[str, ...]] = None, model: Optional[str] = None,
+                        limit: Optional[int] = None) -> list[MigrationRecord]:
+        """Newest first."""
+        mi = schema.migrations
+        q = sa.select(mi).order_by(mi.c.created_at.desc(), mi.c.id.desc())
+        if states is not None:
+            q = q.where(mi.c.state.in_(list(states)))
+        if model is not None:
+            q = q.where(mi.c.model == model)
+        if limit is not None:
+            q = q.limit(limit)
+        return self._read(lambda conn: [MigrationRecord(**{**r, "target_had": bool(r["target_had"])})
+                                        for r in conn.execute(q).mappings()])
+
+    def update_migration(self, migration_id: int, revision: int, *, fields: dict[str, Any],
+                         now: float) -> MigrationRecord:
+        """Compare-and-set: when the migration's revision is still ``revision``, set
+        ``fields``, bump the revision and updated_at; return the new record.
+
+        Raises:
+            Conflict: the revision moved (another replica or the console got there first).
+            NotFound: no such migration.
+            ValueError: a field that is not a settable column.
+        """
+        mi = schema.migrations
+        bad = set(fields) - _MIGRATION_FIELDS
+        if bad:
+            raise ValueError(f"cannot set {sorted(bad)} on a migration; settable: {sorted(_MIGRATION_FIELDS)}")
+
+        def fn(conn: sa.Connection) -> MigrationRecord:
+            res = conn.execute(sa.update(mi).where(mi.c.id == migration_id, mi.c.revision == revision)
+                               .values(**fields, revision=mi.c.revision + 1, updated_at=now))
+            if res.rowcount == 0:
+                held = conn.execute(sa.select(mi.c.revision).where(mi.c.id == migration_id)).scalar()
+                if held is None:
+                    raise NotFound(f"no migration {migration_id}: fleetctl migrations ls shows the existing ones")
+                raise Conflict(f"migration {migration_id} is at revision {held}, not {revision}: someone else "
+                               "changed it; reload it and decide again")
+            return self._migration(conn, migration_id)
+
+        try:
+            return self._write(fn)
+        except sa.exc.IntegrityError as exc:
+            if not _migration_index(exc):
+                raise
+            raise Conflict(f"migration {migration_id}: the change would make a second migration of its "
+                           "workload active") from exc
+
+    def all_assignments(self, model: Optional[str] = None) -> list[Assignment]:
+        """Every device's assignments (of ``model``), sorted by device, model."""
+        a = schema.assignments
+        q = sa.select(a.c.device_id, a.c.model, a.c.version, a.c.route, a.c.install).order_by(a.c.device_id, a.c.model)
+        if model is not None:
+            q = q.where(a.c.model == model)
+        return self._read(lambda conn: [Assignment(**r) for r in conn.execute(q).mappings()])
+
     # -- ingest -----------------------------------------------------------------------------
 
     def ingest_many(self, reports: list[Report]) -> list[bool]:
@@ -1371,6 +1500,8 @@ _ROLLOUT_STATES = ("pending", "running", "paused", "succeeded", "aborted")
 _MOVING_STEPS = ("updating", "waiting", "reverting")
 _ROLLOUT_FIELDS = frozenset(schema.rollouts.c.keys()) - {"id", "revision", "updated_at"}
 _STEP_FIELDS = frozenset(schema.rollout_devices.c.keys()) - {"rollout_id", "device_id"}
+_MIGRATION_FIELDS = frozenset(schema.migrations.c.keys()) - {"id", "revision", "updated_at", "created_at",
+                                                             "created_by"}
 
 
 class _Mismatch(Exception):
@@ -1387,6 +1518,17 @@ def _active_index(exc: sa.exc.IntegrityError) -> bool:
     (PostgreSQL names the index; SQLite names the column)."""
     text = str(exc.orig)
     return "ux_rollouts_active_model" in text or "rollouts.model" in text
+
+
+def _migration_conflict(model: str, source: str, mid: int, state: str) -> Conflict:
+    return Conflict(f"migration {mid} of {model} for {source} is {state}: wait for it to finish "
+                    "(fleetctl migrations show) or abort it before starting another")
+
+
+def _migration_index(exc: sa.exc.IntegrityError) -> bool:
+    """Whether ``exc`` is ux_migrations_active_workload refusing a second active migration."""
+    text = str(exc.orig)
+    return "ux_migrations_active_workload" in text or "migrations.model" in text
 
 
 _TELEMETRY_HELD = sa.select(sa.literal_column("1")).select_from(t).where(

@@ -461,6 +461,67 @@ def test_rollouts_cas_and_one_active_per_model(store: Store) -> None:
         store.get_rollout(999)
 
 
+# -- migrations ---------------------------------------------------------------------------------------
+
+
+def test_migrations_cas_and_one_active_per_workload(store: Store) -> None:
+    timeouts = {"deploy_s": 30.0, "switch_s": 20.0, "unload_s": 10.0, "revert_s": 40.0}
+    kw = dict(version="2.0", from_node="d1", to_node="cloud1", target_had=False, timeouts=timeouts, created_by="alice")
+    m = store.create_migration(model="det", source="d1", reason="slo_violation",
+                               prediction={"p95_before_ms": 90.0, "p95_after_ms": 20.0}, now=T0, **kw)
+    assert (m.state, m.revision, m.source, m.from_node, m.to_node, m.target_had, m.timeouts, m.prediction) == (
+        "pending", 0, "d1", "d1", "cloud1", False, timeouts, {"p95_before_ms": 90.0, "p95_after_ms": 20.0})
+    with pytest.raises(Conflict, match=f"migration {m.id} of det for d1 is pending"):
+        store.create_migration(model="det", source="d1", reason=None, now=T0, **kw)
+    other = store.create_migration(model="det", source="d2", reason=None, now=T0 + 1, **kw)  # another workload
+    third = store.create_migration(model="cls", source="d1", reason=None, now=T0 + 2, **kw)
+    m2 = store.update_migration(m.id, 0, fields={"state": "deploying", "step_started_at": T0 + 3,
+                                                 "deadline": T0 + 33}, now=T0 + 3)
+    assert (m2.state, m2.revision, m2.updated_at, m2.deadline) == ("deploying", 1, T0 + 3, T0 + 33)
+    with pytest.raises(Conflict, match="revision 1, not 0"):
+        store.update_migration(m.id, 0, fields={"state": "switching"}, now=T0 + 4)
+    with pytest.raises(NotFound):
+        store.update_migration(999, 0, fields={}, now=T0)
+    with pytest.raises(ValueError, match="revision"):
+        store.update_migration(m.id, 1, fields={"revision": 7}, now=T0)
+    assert store.get_migration(m.id).revision == 1  # the failed updates changed nothing
+    m3 = store.update_migration(m.id, 1, fields={"state": "reverted", "failure": "deploy_timeout",
+                                                 "detail": "slow", "finished_at": T0 + 40}, now=T0 + 40)
+    assert (m3.state, m3.failure, m3.finished_at, m3.revision) == ("reverted", "deploy_timeout", T0 + 40, 2)
+    again = store.create_migration(model="det", source="d1", reason=None, now=T0 + 41, **kw)  # finished: a new one
+    with pytest.raises(Conflict, match="second migration"):
+        store.update_migration(m.id, 2, fields={"state": "deploying"}, now=T0 + 42)
+    assert [x.id for x in store.list_migrations()] == [again.id, third.id, other.id, m.id]
+    active = ("pending", "deploying", "switching", "unloading", "reverting")
+    assert [x.id for x in store.list_migrations(states=active, model="det")] == [again.id, other.id]
+    assert [x.id for x in store.list_migrations(limit=1)] == [again.id]
+    with pytest.raises(NotFound, match="no migration 999"):
+        store.get_migration(999)
+
+
+def test_all_assignments_across_devices(store: Store) -> None:
+    store.add_group("g", ("d1", "d2"), now=T0)
+    store.set_assignments({"d2": {"det": A("d2", "1.0", route="d1")}, "d1": {"det": A("d1", "1.0"),
+                                                                          "cls": A("d1", "3.0", "cls")}}, now=T0)
+    assert store.all_assignments() == [A("d1", "3.0", "cls"), A("d1", "1.0"), A("d2", "1.0", route="d1")]
+    assert store.all_assignments("det") == [A("d1", "1.0"), A("d2", "1.0", route="d1")]
+
+
+def test_a_database_from_before_migrations_gets_the_table_on_open(url: str) -> None:
+    s = Store.open(url)
+    s.register_device("d1", now=T0)
+    s.close()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE migrations"))
+    engine.dispose()
+    s = Store.open(url)  # create_all adds it; nothing else changes (no schema version bump)
+    try:
+        assert s.list_migrations() == [] and [d.id for d in s.list_devices()] == ["d1"]
+    finally:
+        s.close()
+
+
 # -- ingest -------------------------------------------------------------------------------------------
 
 
@@ -726,4 +787,5 @@ CORE = [
     "test_any_arrival_order_gives_the_in_order_result", "test_model_window_and_latency_percentiles",
     "test_events_are_idempotent", "test_expire_keeps_rollups", "test_commands_and_replies",
     "test_audit_counts_and_size", "test_batches_give_the_one_by_one_result", "test_ingest_many_is_all_or_nothing",
+    "test_migrations_cas_and_one_active_per_workload", "test_all_assignments_across_devices",
 ]
