@@ -100,7 +100,7 @@ __all__ = [
 ]
 
 TIERS = ("edge", "cloud")
-REASONS = ("offline_executor", "slo_violation", "over_utilisation", "latency_gain")
+REASONS = ("offline_executor", "slo_violation", "over_utilisation", "latency_gain", "peak_utilisation")
 _QUANTILE_TAIL = 0.05  # p95
 _CANDIDATES_PER_MODEL = 3
 _CANDIDATES_PER_TIER = 3
@@ -170,6 +170,9 @@ class Policy:
     # (tier of source, tier of node) -> round trip when not measured; the same node is always 0
     default_rtt_ms: Mapping[tuple[str, str], float] = field(default_factory=_default_rtt)
     max_moves: Optional[int] = None
+    # a move for the peak alone (reason "peak_utilisation") must lower the busiest node's
+    # utilisation by at least this much; None: never move for the peak alone
+    peak_gain: Optional[float] = 0.01
 
 
 @dataclass(frozen=True)
@@ -371,6 +374,8 @@ def _check_policy(policy: Policy) -> None:
         raise ValueError(f"utilisation_target: must be in (0, 1], got {policy.utilisation_target!r}")
     if policy.min_gain_ms < 0 or policy.cooldown_s < 0 or policy.move_cost_ms < 0:
         raise ValueError("min_gain_ms, cooldown_s and move_cost_ms must be >= 0")
+    if policy.peak_gain is not None and not policy.peak_gain > 0:
+        raise ValueError(f"peak_gain: must be > 0 or None, got {policy.peak_gain!r}")
     if policy.max_moves is not None and policy.max_moves < 0:
         raise ValueError("max_moves: must be >= 0")
 
@@ -642,13 +647,18 @@ class _State:
         return out
 
     def peak(self) -> float:
+        node = self.peak_node()
+        return 0.0 if node is None else self.util(node)
+
+    def peak_node(self) -> Optional[str]:
+        """The online node with the highest utilisation (ties: the least id)."""
         h = self.peak_heap
         while h:
             u, ver, node = h[0]
             if ver == self.version[node]:
-                return -u
+                return node
             heapq.heappop(h)
-        return 0.0
+        return None
 
     def scan(self, node: str) -> tuple[list, list]:
         """The node's violating workloads as (-excess, -load, key) and the keys that pass
@@ -848,6 +858,10 @@ def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
         for key in sorted(k for n in st.nodes for k in st.scan(n)[1]):
             if movable(key) and _may_gain(st, key, min_gain):
                 best(key, "latency_gain")
+        # 5. shave the peak: load off the busiest node while that lowers it by peak_gain
+        if policy.peak_gain is not None:
+            while len(moves) < budget and _shave(st, policy, movable, frozen, moves):
+                pass
         if len(moves) == n_before:
             break
 
@@ -877,3 +891,47 @@ def _may_gain(st: _State, key: Key, min_gain: float) -> bool:
         floor += st.min_rtt  # staying home is the only way to pay no round trip
     return p - floor >= min_gain
 
+
+
+def _shave(st: _State, policy: Policy, movable, frozen: set, moves: list) -> bool:
+    """One peak move: the workload of the busiest node and the candidate that bring the
+    pair's higher utilisation lowest, if that is at least ``peak_gain`` below the peak and no
+    workload gains a violation. True if it moved one."""
+    node = st.peak_node()
+    if node is None:
+        return False
+    u_peak = st.util(node)
+    ceiling = u_peak - policy.peak_gain
+    cores = st.nodes[node].cores
+    choice = None
+    for key in st.members[node]:
+        if not movable(key):
+            continue
+        w = st.work[key]
+        u_from = u_peak - w.rate * st.svc(node, w.model) / 1000.0 / cores
+        if u_from > ceiling or (choice is not None and u_from > choice[0][0]):
+            continue
+        p_before = st.p95(key)
+        viol_before = p_before > w.slo_ms
+        limit = math.inf if viol_before else w.slo_ms * (1 - _EPS)
+        for cand in st.candidates(key):
+            r = st.try_at(key, cand, limit)
+            if r is None:
+                continue
+            u_after, p_after = r
+            if not viol_before and p_after > limit:
+                continue
+            worst = max(u_from, u_after)
+            if worst > ceiling:
+                continue
+            score = (worst, p_after + policy.move_cost_ms, key, cand)
+            if choice is None or score < choice[0]:
+                choice = (score, p_before, p_after)
+    if choice is None:
+        return False
+    (_, _, key, to), p_before, p_after = choice
+    w = st.work[key]
+    st.move(key, to)
+    frozen.add(key)
+    moves.append(Move(w.model, w.source, node, to, "peak_utilisation", p_before, p_after))
+    return True

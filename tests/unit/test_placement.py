@@ -237,7 +237,7 @@ def test_move_that_would_break_a_served_workload_is_not_made():
 
     tight = case(0.001)
     assert pl.evaluate(tight, {}).violating == (("m", "d1"),)
-    no_gain_moves = Policy(min_gain_ms=1_000.0)
+    no_gain_moves = Policy(min_gain_ms=1_000.0, peak_gain=None)
     p = pl.plan(tight, no_gain_moves)
     assert p.moves == () and p.violations_after == 1
     loose = case(50.0)  # control: with room, c1 takes it
@@ -312,10 +312,30 @@ def test_over_utilisation_without_violation_is_relieved():
         [Model("a", MB, 40.0), Model("b", MB, 40.0)],
         [Workload("a", "d1", 15.0, 5_000.0, "d1"), Workload("b", "d1", 5.0, 5_000.0, "d1")],
     )
-    p = pl.plan(s, Policy(min_gain_ms=10_000.0))
+    p = pl.plan(s, Policy(min_gain_ms=10_000.0, peak_gain=None))
     assert [(m.model, m.reason) for m in p.moves] == [("a", "over_utilisation")]  # largest first
     ev = pl.evaluate(s, p.assignment)
     assert ev.utilisation["d1"] <= 0.7 and ev.feasible
+
+
+def test_peak_is_shaved_when_that_lowers_it_by_peak_gain():
+    # d1 at 0.6 (under the target, no violation): the cloud takes its larger workload
+    s = snap(
+        [edge("d1"), cloud("c1")],
+        [Model("a", MB, 40.0), Model("b", MB, 40.0)],
+        [Workload("a", "d1", 10.0, 5_000.0, "d1"), Workload("b", "d1", 5.0, 5_000.0, "d1")],
+    )
+    p = pl.plan(s, Policy(min_gain_ms=1_000.0))  # no latency-only moves
+    assert [(m.model, m.to_node, m.reason) for m in p.moves] == [
+        ("a", "c1", "peak_utilisation"),  # 0.6 -> 0.2 (the largest drop first)
+        ("b", "c1", "peak_utilisation"),  # 0.2 -> 0.075 on c1
+    ]
+    assert p.peak_utilisation_after == pytest.approx(0.075)
+    assert pl.plan(s, Policy(min_gain_ms=1_000.0, peak_gain=None)).moves == ()
+    # a drop below peak_gain is not worth a move
+    small = dataclasses.replace(s, workloads=(Workload("a", "d1", 0.2, 5_000.0, "d1"),))
+    assert pl.plan(small, Policy(peak_gain=0.01)).moves == ()
+    assert len(pl.plan(small, Policy(peak_gain=0.005)).moves) == 1
 
 
 def test_memory_is_never_exceeded_and_a_loaded_model_is_shared():
@@ -433,6 +453,7 @@ policies = st.builds(
     utilisation_target=st.sampled_from([0.5, 0.7, 0.9]),
     min_gain_ms=st.sampled_from([0.0, 5.0, 20.0]),
     cooldown_s=st.sampled_from([0.0, 600.0]),
+    peak_gain=st.sampled_from([None, 0.001, 0.05]),
 )
 
 _settings = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
