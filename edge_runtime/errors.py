@@ -7,7 +7,10 @@
      ├── ModelNotFound           no such model is served
      ├── ModelUnavailable        the model exists but cannot serve right now (retry later)
      │    ├── TooManyConnections the server refused the connection before reading a request
-     │    └── ShuttingDown       the server is stopping and admitted no new request
+     │    ├── ShuttingDown       the server is stopping and admitted no new request
+     │    ├── Busy               the executor node a call is routed to has a full queue
+     │    ├── DeadlineExceeded   the executor node did not answer within the call's deadline
+     │    └── ExecutorUnreachable the executor node cannot be reached (broker down, node gone)
      ├── StoreError
      │    ├── StoreCorrupt       the state file or a blob does not hold what it should
      │    ├── QuotaExceeded      the install would take the store past its disk quota
@@ -91,6 +94,26 @@ class TooManyConnections(ModelUnavailable):
 
 class ShuttingDown(ModelUnavailable):
     code = "shutting_down"
+
+
+class Busy(ModelUnavailable):
+    """The executor node a call is routed to refused it: its queue is full (backpressure).
+    Raised to the caller only when no local copy could answer instead; retry later."""
+
+    code = "busy"
+
+
+class DeadlineExceeded(ModelUnavailable):
+    """A routed call got no answer within its deadline and no local copy could answer."""
+
+    code = "deadline_exceeded"
+
+
+class ExecutorUnreachable(ModelUnavailable):
+    """A routed call could not reach its executor node (broker down, node gone) and no
+    local copy could answer."""
+
+    code = "executor_unreachable"
 
 
 class StoreError(EdgeRuntimeError):

@@ -8,6 +8,7 @@ refuses unknown keys, so a typo fails at start instead of being ignored. An exam
     device_id = "pi-kitchen-01"          # 1-64 of [A-Za-z0-9._-], starting with a letter/digit
     groups = ["kitchen", "canary"]       # group targets this device accepts (same id rule)
     tier = "edge"                        # "edge" or "cloud"
+    accelerator = "auto"                 # "auto" (detect), "none", or a label such as "edgetpu"
     data_dir = "/var/lib/edge-runtime"   # store, trust state, outbox, transfers
     trust_root = "/etc/edge-runtime/root.json"  # optional: provisions the trust store if empty
     telemetry_interval_s = 10            # 0.1 .. 3600
@@ -46,6 +47,20 @@ refuses unknown keys, so a typo fails at start instead of being ignored. An exam
     chunk_size = 65536                   # 1 KiB .. 256 KiB
     chunk_timeout_s = 10
     chunk_retries = 5
+
+    [remote]                             # remote inference (issue 6)
+    deadline_ms = 500                    # a forwarded call's budget (REST X-Deadline-Ms / fast path deadline_ms override)
+    max_pending = 256                    # forwarded calls awaiting an answer at once; past it: busy
+    breaker_failures = 3                 # unanswered calls in a row before calls with a local copy ...
+    breaker_open_s = 5                   # ... run locally at once for this long, then try the executor again
+    fallback_events_per_min = 6          # fallback events per model and minute; the rest are counted
+    executor_workers = 2                 # as an executor node: threads running other nodes' calls
+    executor_queue = 32                  # calls waiting for a worker; past it they are refused as busy
+    executor_queue_bytes = 67108864      # and past this many bytes of waiting tensors
+
+``accelerator`` (top level) labels the node's accelerator for placement: ``"auto"`` (the
+default) detects a Coral ``/dev/apex_0`` or a Jetson's ``/etc/nv_tegra_release``, ``"none"``
+reports none, anything else (``"edgetpu"``, ``"cuda"``) is reported as written.
 
 Paths are used as written (relative ones against the working directory, which is ``/``
 under systemd): write them absolute.
@@ -89,7 +104,7 @@ from edge_runtime.runtime import ServeConfig
 
 __all__ = [
     "AgentConfig", "ApiConfig", "BrokerConfig", "ConfigError", "ConfigProblem", "LimitsConfig",
-    "StoreConfig", "ENV_PREFIX", "RESERVED_ENV", "env_name", "load_config",
+    "RemoteConfig", "StoreConfig", "ENV_PREFIX", "RESERVED_ENV", "env_name", "load_config",
 ]
 
 ENV_PREFIX = "EDGE_RUNTIME_"
@@ -285,6 +300,20 @@ class LimitsConfig(_Section):
     chunk_retries: int = Field(default=5, ge=0, le=100)
 
 
+class RemoteConfig(_Section):
+    """Remote inference: this runtime as a caller (calls routed to another node) and as an
+    executor node (other nodes' calls to the models it serves)."""
+
+    deadline_ms: int = Field(default=500, ge=1, le=600_000)  # a forwarded call's budget unless the call sets one
+    max_pending: int = Field(default=256, ge=1, le=100_000)  # forwarded calls awaiting an answer at once
+    breaker_failures: int = Field(default=3, ge=1, le=1000)  # consecutive unanswered calls before ...
+    breaker_open_s: float = Field(default=5.0, gt=0, le=3600)  # ... calls with a local copy skip the executor this long
+    fallback_events_per_min: int = Field(default=6, ge=1, le=600)  # per model; the rest are counted
+    executor_workers: int = Field(default=2, ge=1, le=64)  # threads running other nodes' calls
+    executor_queue: int = Field(default=32, ge=1, le=100_000)  # calls waiting for a worker; past it: busy
+    executor_queue_bytes: int = Field(default=64 * MiB, ge=64 * KiB, le=4096 * MiB)  # their tensors, at most
+
+
 class AgentConfig(_Section):
     """Everything ``edge-runtime run`` needs, validated before anything starts."""
 
@@ -298,6 +327,16 @@ class AgentConfig(_Section):
     api: ApiConfig = ApiConfig()
     store: StoreConfig = StoreConfig()
     limits: LimitsConfig = LimitsConfig()
+    remote: RemoteConfig = RemoteConfig()
+    # "auto": detected; "none": no accelerator; anything else labels it ("edgetpu", "cuda").
+    accelerator: str = Field(default="auto", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+    def accelerator_label(self, detect: Any) -> Optional[str]:
+        """What birth reports as ``capabilities.accelerator``: ``detect()`` for ``auto``,
+        None for ``none``, else the configured label."""
+        if self.accelerator == "auto":
+            return detect()
+        return None if self.accelerator == "none" else self.accelerator
 
     @field_validator("groups")
     @classmethod

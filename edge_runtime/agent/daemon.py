@@ -19,6 +19,12 @@ state when it changed, ping the watchdog. MQTT handlers only hand payloads over 
 the loop -- except commands, which are verified and run where they arrive (they are quick)
 and chunks, which go straight to their transfer.
 
+Remote inference: the local API forwards calls of models routed to another node through
+``remote.RemoteCaller`` (replies arrive on ``fleet/v1/dev/{id}/inbox/infer``), and every
+runtime is an executor node for others (``serving_node.ServingNode`` on
+``fleet/v1/node/{id}/infer/+``). The loop reports the caller's ``fallback`` events; telemetry
+carries both sides' counters and the round trip to each executor node (``peers_rtt_ms``).
+
 Stopping (SIGTERM/SIGINT, or the ``restart`` command): ``STOPPING=1``; the API stops taking
 calls and finishes the ones it has; transfers checkpoint; the outbox is flushed for a
 moment; the retained state says offline; a clean DISCONNECT (so the broker drops the Will,
@@ -56,8 +62,10 @@ from edge_runtime.agent.documents import MAX_PENDING_ROOTS, DesiredOutcome, Docu
 from edge_runtime.agent.executor import Executor
 from edge_runtime.agent.reconcile import Noop, Refuse
 from edge_runtime.agent.outbox import Item, Outbox
+from edge_runtime.agent.remote import RemoteCaller, RemoteSettings, merge_figures
 from edge_runtime.agent.reporter import Reporter
 from edge_runtime.agent.routes import RouteTable
+from edge_runtime.agent.serving_node import ServingNode
 from edge_runtime.agent.telemetry import TelemetryCollector
 from edge_runtime.agent.transfer import PublishingChunkSource
 from edge_runtime.agent.transfers import Transfers, TransferSettings
@@ -193,9 +201,22 @@ class Agent:
         self.executor = Executor(self.runtime.installer, self.transfers, self.reporter, self.routes,
                                  generation=lambda: self.desired.generation if self.desired else None,
                                  max_artifact_bytes=cfg.limits.max_artifact_bytes)
+        self.remote = RemoteCaller(
+            self.device_id, self.runtime.engine, route=self.routes.get, spec=self._desired_spec,
+            publish=self._publish_nowait, connected=lambda: self.mqtt is not None and self.mqtt.is_connected,
+            settings=RemoteSettings.of(cfg.remote), on_event=self._wake.set)
+        self.node = ServingNode(self.device_id, self.runtime.engine, self._publish_nowait,
+                                workers=cfg.remote.executor_workers, queue_size=cfg.remote.executor_queue,
+                                queue_bytes=cfg.remote.executor_queue_bytes)
         self.runtime.start()  # the API answers from here on
+        for server in (self.runtime.rest, self.runtime.fast):
+            if server is not None:
+                server.forward = self.remote
+        self.node.start()
         self.collector = TelemetryCollector(self.runtime.engine, data_dir=self.data_dir, device_id=self.device_id,
-                                            interval_s=self.telemetry_interval, boot_id=self.boot_id)
+                                            interval_s=self.telemetry_interval, boot_id=self.boot_id,
+                                            extra=lambda: merge_figures(self.remote.figures(), self.node.figures()),
+                                            routes=self.routes.all)
         sdnotify.notify(ready=True, status=self._status())
         log.info("serving %s (boot %s)", self.runtime.endpoints(), self.boot_id)
         self.executor.resume_downloads(self.desired)
@@ -246,6 +267,8 @@ class Agent:
         client.add_handler(topics.cmd(dev), self._on_command)
         client.add_handler(topics.inbox_filter(dev), self._on_inbox)
         client.add_handler(topics.CTL_STATE, self._on_ctl_state)
+        client.add_handler(topics.infer_inbox(dev), lambda msg: self.remote.on_reply(msg.payload))
+        client.add_handler(topics.infer_filter(dev), lambda msg: self.node.offer(msg.topic, msg.payload))
         self.mqtt = client  # before start(): the first connect hook may run at once and needs it
         client.start()
         return client
@@ -268,6 +291,7 @@ class Agent:
 
     def _on_disconnect(self, reason: Optional[str]) -> None:
         self._born.clear()
+        self.remote.connection_lost()  # forwarded calls waiting for answers fall back now
         if reason is not None:
             log.warning("lost the broker: %s", reason)
         self.transfers.suspend()
@@ -399,6 +423,10 @@ class Agent:
             self._reconcile_due = False
             self._reconcile()
         self._publish_state()
+        for fb in self.remote.take_events():
+            self.reporter.event("fallback", model=fb.model, reason=fb.reason, detail=fb.detail,
+                                figures={"executor": fb.executor, "fallbacks": fb.fallbacks,
+                                         **({"suppressed": fb.suppressed} if fb.suppressed else {})})
         overdue = self._rejections.overdue(time.monotonic())
         if overdue:  # the flood ended inside its minute: say how much went unreported
             self.reporter.event("rejected", reason=self._rejections.last_reason,
@@ -469,7 +497,7 @@ class Agent:
         depth, dropped = self.outbox.depth, self.outbox.dropped
         try:
             sample = self.collector.collect(0, broker_rtt_ms=self._broker_rtt_ms, outbox_depth=depth,
-                                            outbox_dropped=dropped)
+                                            outbox_dropped=dropped, peers_rtt_ms=self.remote.rtt_ms())
         except Exception:
             log.exception("telemetry collection failed")
             return
@@ -484,6 +512,7 @@ class Agent:
             disk = None
         return Capabilities(cores=os.cpu_count() or 1, memory_bytes=psutil.virtual_memory().total,
                             tier=self.config.tier, backends=[self.runtime.engine.backend.name],
+                            accelerator=self.config.accelerator_label(detect_accelerator),
                             disk_bytes=disk, arch=platform.machine()[:32] or None)
 
     def _publish_state(self, *, force: bool = False) -> None:
@@ -506,6 +535,17 @@ class Agent:
             return
         self._published_revision = key
         sdnotify.notify(status=self._status())
+
+    def _desired_spec(self, name: str) -> Optional[messages.ModelSpec]:
+        desired = self.desired
+        return desired.models.get(name) if desired is not None else None
+
+    def _publish_nowait(self, topic: str, payload: bytes) -> None:
+        """QoS 1 without waiting for the PUBACK (inference requests and replies: the caller's
+        deadline covers a lost one). Raises MqttError when there is no session."""
+        if self.mqtt is None:
+            raise ConnectionError("no MQTT client yet")
+        self.mqtt.publish(topic, payload, qos=1, wait=False)
 
     def _publish_request(self, topic: str, payload: bytes) -> None:
         if self.mqtt is None:
@@ -590,7 +630,8 @@ class Agent:
             sdnotify.notify(ready=True)
             return
         old = self.config
-        needs_restart = [f for f in ("device_id", "groups", "tier", "data_dir", "trust_root", "broker", "api", "store")
+        needs_restart = [f for f in ("device_id", "groups", "tier", "data_dir", "trust_root", "broker", "api", "store",
+                                     "remote", "accelerator")
                          if getattr(new, f) != getattr(old, f)]
         if needs_restart:
             log.warning("SIGHUP: %s changed; restart the service to apply", ", ".join(needs_restart))
@@ -611,6 +652,8 @@ class Agent:
             drained = self.runtime.stop(timeout=max(1.0, deadline - time.monotonic() - FLUSH_ON_STOP_S - 1.0))
             if not drained:
                 log.warning("stopped with API calls still running")
+        if hasattr(self, "node"):
+            self.node.stop(timeout=max(0.5, min(3.0, deadline - time.monotonic() - FLUSH_ON_STOP_S)))
         if hasattr(self, "transfers"):
             self.transfers.close()
         self._stop.set()
@@ -645,6 +688,16 @@ class Agent:
             log.info("outbox flush stopped: %s (the rest is sent after the restart)", exc)
         finally:
             timer.cancel()
+
+
+def detect_accelerator() -> Optional[str]:
+    """A label for the inference accelerator this board has, when one is recognised: a Coral
+    Edge TPU (``/dev/apex_0``, PCIe), a Jetson's GPU (``/etc/nv_tegra_release``); else None."""
+    if os.path.exists("/dev/apex_0"):
+        return "edgetpu"
+    if os.path.exists("/etc/nv_tegra_release"):
+        return "jetson-gpu"
+    return None
 
 
 def run(config_path: Path) -> int:

@@ -8,6 +8,13 @@ nothing), while ``rate``, the percentiles, ``service_ms`` and ``utilisation`` co
 interval since the previous ``collect`` (measured with the injected ``clock``). The
 interval's deltas are kept in ``last_deltas`` for the agent's own use.
 
+Remote inference adds to a model's figures: ``extra()`` (the agent's caller and executor
+node counters, e.g. ``forwarded``, ``fallbacks``, ``served_for_peers``) is merged into each
+model's figures, and a model routed elsewhere with no local copy is reported from them
+alone; ``routes()`` sets each model's ``route``; ``collect(peers_rtt_ms=...)`` carries the
+measured round trip to each executor node. The executor node runs other nodes' calls on
+the engine, so its ``calls``, ``service_ms`` and ``utilisation`` include them.
+
 ``collect`` never raises for a missing sensor, a platform without load average, an
 unreadable data dir, or a model unloaded between listing and reading it: that figure is
 left out (``None``) or the model is skipped. The only thing the caller must get right is
@@ -27,7 +34,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import psutil
@@ -69,6 +76,8 @@ class TelemetryCollector:
         interval_s: float = 10.0,
         boot_id: Optional[str] = None,
         wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        extra: Optional[Callable[[], Mapping[str, Mapping[str, int]]]] = None,
+        routes: Optional[Callable[[], Mapping[str, str]]] = None,
     ) -> None:
         """
         ``interval_s`` is the configured telemetry interval reported in each message
@@ -80,6 +89,8 @@ class TelemetryCollector:
         self.device_id = device_id
         self.interval_s = interval_s
         self.boot_id = boot_id
+        self._extra = extra
+        self._routes = routes
         self._clock = clock
         self._wall = wall
         self._proc = proc if proc is not None else psutil.Process()
@@ -110,6 +121,7 @@ class TelemetryCollector:
         broker_rtt_ms: Optional[float] = None,
         outbox_depth: int = 0,
         outbox_dropped: int = 0,
+        peers_rtt_ms: Optional[Mapping[str, float]] = None,
     ) -> messages.Telemetry:
         """The telemetry sample numbered ``seq``; resets the interval.
 
@@ -126,6 +138,8 @@ class TelemetryCollector:
             self.last_deltas = deltas
         if broker_rtt_ms is not None and not (math.isfinite(broker_rtt_ms) and broker_rtt_ms >= 0):
             broker_rtt_ms = None
+        peers = {node: float(ms) for node, ms in (peers_rtt_ms or {}).items()
+                 if _ID_RE.match(node) and isinstance(ms, (int, float)) and math.isfinite(ms) and ms >= 0}
         return messages.Telemetry(
             seq=seq,
             at=self._wall(),
@@ -135,6 +149,7 @@ class TelemetryCollector:
             system=system,
             models=models,
             broker_rtt_ms=broker_rtt_ms,
+            peers_rtt_ms=dict(list(peers.items())[:_MAX_MODELS]),
             outbox=messages.OutboxFigures(depth=outbox_depth, dropped=outbox_dropped),
         )
 
@@ -220,7 +235,34 @@ class TelemetryCollector:
             deltas[name] = delta
             if len(figures) < _MAX_MODELS:
                 figures[name] = fig
-        return figures, deltas
+        return self._remote(figures), deltas
+
+    def _remote(self, figures: dict[str, messages.ModelFigures]) -> dict[str, messages.ModelFigures]:
+        """``figures`` with each model's route and the remote-inference counters merged in."""
+        try:
+            extra = {k: dict(v) for k, v in (self._extra() if self._extra else {}).items()}
+            routes = dict(self._routes() if self._routes else {})
+        except Exception:
+            log.debug("telemetry: remote figures unavailable", exc_info=True)
+            return figures
+        fields = messages.ModelFigures.model_fields
+        out: dict[str, messages.ModelFigures] = {}
+        for name in list(figures) + [n for n in extra if n not in figures]:
+            if not _ID_RE.match(name) or len(out) >= _MAX_MODELS:
+                continue
+            update: dict[str, Any] = {k: int(v) for k, v in extra.get(name, {}).items()
+                                      if k in fields and isinstance(v, int) and v >= 0}
+            route = routes.get(name, messages.LOCAL)
+            if _ID_RE.match(route):
+                update["route"] = route
+            try:
+                base = figures.get(name) or messages.ModelFigures()
+                out[name] = messages.ModelFigures.model_validate({**base.model_dump(), **update})
+            except Exception:
+                log.debug("telemetry: bad remote figures for %s", name, exc_info=True)
+                if name in figures:
+                    out[name] = figures[name]
+        return out
 
     def _model(self, name: str, model: Any, stats: Any, elapsed: float) -> tuple[messages.ModelFigures, ModelDelta]:
         calls, errors = int(stats.calls), int(stats.errors)

@@ -14,6 +14,12 @@ connect. Requests:
         then predict may carry {"shm": [{"offset", "descr", "shape"}, ...]} instead of
         inline tensors (see ``shm``: zero socket copies for large inputs)
 
+A model routed to another node (the agent set ``server.forward``, see ``api.rest``) is
+forwarded there, falling back to the local copy; ``"deadline_ms"`` in a predict header
+overrides the agent's default deadline, and the answer names ``"served_by"`` (the node, or
+``"local"`` for a fallback). A routed call that fails with no local copy answers a 503-class
+error typed ``busy``, ``deadline_exceeded``, ``executor_unreachable`` or ``model_unavailable``.
+
 An error answers ``{"ok": false, "error": {"type", "message", ...}}``; a malformed frame is
 answered once, then the connection is closed, since the stream position is lost.
 """
@@ -190,6 +196,7 @@ class FastPathServer(Draining, socketserver.ThreadingMixIn, socketserver.UnixStr
         """
         self.path = Path(path)
         self.engine = engine
+        self.forward: Any = None  # the agent's remote-inference hook (agent.remote.RemoteCaller), set after start
         self.max_frame = max_frame
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
@@ -268,10 +275,17 @@ class FastPathServer(Draining, socketserver.ThreadingMixIn, socketserver.UnixStr
         else:
             raise InputError(f"'inputs' must list one name per tensor ({len(tensors)} tensors sent)")
         start = time.perf_counter()
-        version, outputs = self.engine.predict_versioned(name, feeds)
+        remote = self.forward.resolve(name) if self.forward is not None else None
+        extra: dict[str, Any] = {}
+        if remote is not None:
+            version, outputs, extra["served_by"] = remote.predict(remote.signature.feeds(feeds),
+                                                                  deadline_ms=header.get("deadline_ms"))
+        else:
+            version, outputs = self.engine.predict_versioned(name, feeds)
         compute_ms = (time.perf_counter() - start) * 1e3
         return (
-            {"ok": True, "model": name, "version": version, "outputs": list(outputs), "compute_ms": round(compute_ms, 4)},
+            {"ok": True, "model": name, "version": version, "outputs": list(outputs), "compute_ms": round(compute_ms, 4),
+             **extra},
             list(outputs.values()),
         )
 

@@ -12,6 +12,14 @@ Errors are ``{"error": message, "type": code}`` with 400 (bad request or input),
 such model or route), 411/413 (body missing or too large), 501 (Transfer-Encoding), 503
 (cannot serve now: model unavailable, ``busy`` past the connection cap, ``shutting_down``).
 
+Location-transparent: when the agent set ``server.forward`` (``agent.remote.RemoteCaller``)
+and a model's route is another node, ``forward.resolve(name)`` gives a remote model (name,
+version, signature from the signed desired state; ``predict(feeds, deadline_ms=)``) and the
+call goes there, falling back to the local copy when the executor does not answer. Its
+deadline is the agent's default, or the request's ``X-Deadline-Ms`` header (1..600000).
+A routed call that fails with no local copy is a 503 typed ``busy``, ``deadline_exceeded``,
+``executor_unreachable`` or ``model_unavailable``.
+
 HTTP/1.1 keep-alive. Every request's body is read (or the connection closed) before it is
 routed, so the next request on a connection always starts where the server thinks it does;
 framing the server cannot follow (chunked bodies, a Content-Length that is not plain digits,
@@ -74,14 +82,25 @@ def model_metadata(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-def predict_body(engine: Engine, name: str, version: str | None, body: Any) -> dict[str, Any]:
+def predict_body(engine: Engine, name: str, version: str | None, body: Any, *, forward: Any = None,
+                 deadline_ms: Any = None) -> dict[str, Any]:
     """Answer one TF Serving predict body, entirely from one model version (the one looked up
-    here), even if a swap lands between its chunks.
+    here), even if a swap lands between its chunks. ``forward``: the agent's remote hook
+    (see the module docstring); ``deadline_ms``: a routed call's deadline override.
 
     Raises:
         InputError, ModelNotFound: as ``Engine.predict``; also for bodies of the wrong shape.
+        ModelUnavailable (Busy, DeadlineExceeded, ExecutorUnreachable): a routed call failed
+            and there is no local copy.
     """
-    model = engine.get(name)
+    remote = forward.resolve(name) if forward is not None else None
+    if remote is not None:
+        model: Any = remote
+        run: Callable[[Any], dict[str, np.ndarray]] = (
+            lambda feeds: remote.predict(remote.signature.feeds(feeds, coerce=True), deadline_ms=deadline_ms)[1])
+    else:
+        model = engine.get(name)
+        run = lambda feeds: engine.predict_on(model, feeds, coerce=True)  # noqa: E731
     if version is not None and version != model.version:
         raise ModelNotFound(f"model {name!r} version {version!r} is not served; the active version is {model.version!r}")
     if not isinstance(body, dict):
@@ -92,12 +111,12 @@ def predict_body(engine: Engine, name: str, version: str | None, body: Any) -> d
     if has_cols:
         cols = body["inputs"]
         feeds = cols if isinstance(cols, dict) else [cols] if len(model.signature.inputs) == 1 else cols
-        out = engine.predict_on(model, feeds, coerce=True)
+        out = run(feeds)
         return {"outputs": _jsonable(out)}
-    return {"predictions": _predict_rows(engine, model, body["instances"])}
+    return {"predictions": _predict_rows(run, model, body["instances"])}
 
 
-def _predict_rows(engine: Engine, model: LoadedModel, instances: Any) -> list[Any]:
+def _predict_rows(run: Callable[[Any], dict[str, np.ndarray]], model: Any, instances: Any) -> list[Any]:
     """Row format: each instance is one batch element; run them in model-batch-sized chunks."""
     if not isinstance(instances, list) or not instances:
         raise InputError("'instances' must be a non-empty list, one entry per example")
@@ -117,7 +136,7 @@ def _predict_rows(engine: Engine, model: LoadedModel, instances: Any) -> list[An
             if any(set(c) != keys for c in chunk):
                 raise InputError("every instance must name the same inputs")
             feeds = {k: [c[k] for c in chunk] for k in keys}
-        out = engine.predict_on(model, feeds, coerce=True)
+        out = run(feeds)
         for i in range(len(chunk)):
             if len(out) == 1:
                 rows.append(next(iter(out.values()))[i].tolist())
@@ -215,7 +234,8 @@ class _Handler(BaseHTTPRequestHandler):
         m = _MODEL_RE.match(path)
         if not m or m["rest"] == ":predict":
             raise HTTPError(404, "not_found", f"no route GET {path}")
-        model = engine.get(m["name"])
+        forward = self.server.forward
+        model: Any = (forward.resolve(m["name"]) if forward is not None else None) or engine.get(m["name"])
         if m["version"] is not None and m["version"] != model.version:
             raise ModelNotFound(f"model {model.name!r} version {m['version']!r} is not served; active is {model.version!r}")
         return 200, model_metadata(model) if m["rest"] == "/metadata" else model_status(model)
@@ -228,7 +248,22 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             self.close_connection = True  # a client that frames no body may also send one unframed
             raise HTTPError(411, "length_required", "send a Content-Length header")
-        return 200, predict_body(self.server.engine, m["name"], m["version"], _parse_json(body))
+        return 200, predict_body(self.server.engine, m["name"], m["version"], _parse_json(body),
+                                 forward=self.server.forward, deadline_ms=self._deadline())
+
+    def _deadline(self) -> int | None:
+        """The ``X-Deadline-Ms`` header of a routed call, if given.
+
+        Raises:
+            HTTPError: 400 when it is not an integer from 1 to 600000.
+        """
+        raw = self.headers.get("X-Deadline-Ms")
+        if raw is None:
+            return None
+        raw = raw.strip()
+        if not _CONTENT_LENGTH_RE.fullmatch(raw) or not 1 <= int(raw) <= 600_000:
+            raise HTTPError(400, "bad_request", f"X-Deadline-Ms must be an integer from 1 to 600000, got {raw[:40]!r}")
+        return int(raw)
 
     def _body_length(self) -> int | None:
         """The announced body length; None if the request has no body.
@@ -331,6 +366,7 @@ class RestServer(Draining, ThreadingHTTPServer):
         connection is answered 503 ``busy`` and closed.
         """
         self.engine = engine
+        self.forward: Any = None  # the agent's remote-inference hook (agent.remote.RemoteCaller), set after start
         self.max_body = max_body
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections

@@ -782,6 +782,16 @@ class ModelFigures(Part):
     p99_ms: Optional[Millis] = None
     service_ms: Optional[Millis] = None
     utilisation: Optional[float] = Field(default=None, ge=0)
+    # Remote inference, cumulative like calls (optional: absent reads as 0). As the caller:
+    # calls forwarded to ``route`` that it answered, and those that failed with no local
+    # copy to fall back to (``fallbacks`` counts the ones a local copy answered). As the
+    # executor node: other nodes' calls it ran (also in ``calls``), refused as ``busy``
+    # (queue full), and answered with another error.
+    forwarded: Count = 0
+    forward_failures: Count = 0
+    served_for_peers: Count = 0
+    peer_busy: Count = 0
+    peer_errors: Count = 0
 
 
 class OutboxFigures(Part):
@@ -801,6 +811,9 @@ class Telemetry(Message):
     system: SystemFigures
     models: dict[Id, ModelFigures] = Field(default_factory=dict, max_length=256)
     broker_rtt_ms: Optional[Millis] = None
+    # Round trip to each executor node this device forwards calls to, through the broker:
+    # the caller's wait minus the executor's queue and compute time (mean of the interval's
+    # calls, else the last one measured).
     peers_rtt_ms: dict[Id, Millis] = Field(default_factory=dict, max_length=256)
     outbox: OutboxFigures = Field(default_factory=OutboxFigures)
 
