@@ -30,13 +30,14 @@ from controller.commands import CommandSender
 from controller.desired import DesiredPublisher
 from controller.keys import KeyDir
 from controller.rollouts import RolloutDriver
-from controller.store import Conflict, DeviceRecord, NotFound, ReleaseRecord, RolloutRecord, Store, StoreError
+from controller.store import (Conflict, DeviceRecord, MigrationRecord, NotFound, ReleaseRecord, RolloutRecord, Store,
+                              StoreError)
 from edge_runtime import __version__
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.protocol import messages, topics
 from edge_runtime.protocol.messages import ApiError, ApiRequest, ApiResponse, ProtocolError
 
-__all__ = ["ApiServer", "device_row", "release_row", "rollout_row"]
+__all__ = ["ApiServer", "device_row", "release_row", "rollout_row", "migration_row"]
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,24 @@ def rollout_row(r: RolloutRecord, *, steps: bool = False) -> dict[str, Any]:
     return row
 
 
+def migration_row(m: MigrationRecord) -> dict[str, Any]:
+    return {k: getattr(m, k) for k in (
+        "id", "model", "version", "source", "from_node", "to_node", "state", "target_had", "timeouts",
+        "step_started_at", "deadline", "reason", "prediction", "failure", "detail", "created_at", "updated_at",
+        "finished_at", "created_by")}
+
+
 class ApiServer:
     """See the module docstring."""
 
     def __init__(self, store: Store, *, driver: RolloutDriver, desired: DesiredPublisher, commands: CommandSender,
                  keydir: KeyDir, clock: Callable[[], float], instance: str, passphrase: Optional[str] = None,
-                 validate_models: bool = True) -> None:
+                 validate_models: bool = True, migrations: Optional[Any] = None,
+                 rebalancer: Optional[Any] = None) -> None:
         self.store = store
         self.driver = driver
+        self.migrations = migrations  # migrations.MigrationDriver (None: migrate answers unavailable)
+        self.rebalancer = rebalancer  # fleet_snapshot.Rebalancer
         self.desired = desired
         self.commands = commands
         self.keydir = keydir
@@ -316,6 +327,42 @@ class ApiServer:
 
     def m_audit_list(self, p: apispec.AuditList, actor: str) -> list[dict[str, Any]]:
         return self.store.list_audit(limit=p.limit)
+
+
+    # -- migrations and placement ----------------------------------------------------------------
+
+    def _migration_driver(self) -> Any:
+        if self.migrations is None:
+            raise _Failure("unavailable", "this controller runs no migration driver")
+        return self.migrations
+
+    def m_migrate(self, p: apispec.Migrate, actor: str) -> dict[str, Any]:
+        timeouts = {k: v for k, v in p.timeouts.model_dump().items() if v is not None}
+        return migration_row(self._migration_driver().create(p.model, p.source, p.to, actor=actor,
+                                                             reason=p.reason or "operator", timeouts=timeouts))
+
+    def m_migrations_list(self, p: apispec.MigrationsList, actor: str) -> list[dict[str, Any]]:
+        from controller.migration import ACTIVE_STATES
+
+        rows = self.store.list_migrations(states=None if p.all else ACTIVE_STATES, limit=None if p.all else 200)
+        if not p.all and not rows:  # nothing active: the latest few finished ones
+            rows = self.store.list_migrations(limit=5)
+        return [migration_row(m) for m in rows]
+
+    def m_migrations_show(self, p: apispec.MigrationId, actor: str) -> dict[str, Any]:
+        return migration_row(self.store.get_migration(p.id))
+
+    def m_migrations_abort(self, p: apispec.MigrationId, actor: str) -> dict[str, Any]:
+        return migration_row(self._migration_driver().abort(p.id, actor=actor, reason=p.reason))
+
+    def m_plan(self, p: apispec.PlanParams, actor: str) -> dict[str, Any]:
+        if self.rebalancer is None:
+            raise _Failure("unavailable", "this controller runs no placement planner")
+        if p.slo_ms is None:
+            return self.rebalancer.plan(apply=p.apply, actor=actor)
+        import dataclasses
+
+        return dataclasses.replace(self.rebalancer, slo_ms=p.slo_ms).plan(apply=p.apply, actor=actor)
 
 
 class _Failure(Exception):

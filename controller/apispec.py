@@ -28,6 +28,11 @@ unavailable, timeout, internal, malformed, too_large.
     telemetry.recent    device?, limit           [Telemetry json + device_id, received_at]
     top                 -                        [TopRow]
     audit.list          limit                    [{at, actor, action, target, detail}]
+    migrate             model, source, to, timeouts?          MigrationRow
+    migrations.list     all                      [MigrationRow]
+    migrations.show     id                       MigrationRow
+    migrations.abort    id, reason?              MigrationRow
+    plan                apply, slo_ms?           PlanResult
 
 Row shapes (all keys always present; absent values are null):
 
@@ -40,6 +45,13 @@ Row shapes (all keys always present; absent values are null):
     StepRow     {device_id, wave, state, previous_version, started_at, finished_at, reason, detail}
     TopRow      {id, online, tier, models: {name: version}, p95_ms: {name: ms}, cpu_percent,
                  memory_percent, last_seen}
+    MigrationRow {id, model, version, source, from_node, to_node, state, target_had, timeouts,
+                 step_started_at, deadline, reason, prediction, failure, detail, created_at,
+                 updated_at, finished_at, created_by}
+    PlanResult  {moves: [{model, source, from_node, to_node, reason, p95_before_ms,
+                 p95_after_ms, migration (id started or null), skipped (why not, or null)}],
+                 violations_before, violations_after, peak_utilisation_before,
+                 peak_utilisation_after, method, workloads, nodes}
 """
 
 from __future__ import annotations
@@ -143,6 +155,35 @@ class AuditList(Params):
     limit: int = Field(default=50, ge=1, le=1000)
 
 
+class MigrationTimeouts(Params):
+    deploy_s: Optional[float] = Field(default=None, gt=0, le=7 * 86400)
+    switch_s: Optional[float] = Field(default=None, gt=0, le=7 * 86400)
+    unload_s: Optional[float] = Field(default=None, gt=0, le=7 * 86400)
+    revert_s: Optional[float] = Field(default=None, gt=0, le=7 * 86400)
+
+
+class Migrate(Params):
+    model: Id
+    source: Id
+    to: Id
+    timeouts: MigrationTimeouts = Field(default_factory=MigrationTimeouts)
+    reason: Optional[str] = Field(default=None, max_length=500)
+
+
+class MigrationsList(Params):
+    all: bool = False
+
+
+class MigrationId(Params):
+    id: int = Field(ge=1)
+    reason: Optional[str] = Field(default=None, max_length=500)
+
+
+class PlanParams(Params):
+    apply: bool = False
+    slo_ms: Optional[float] = Field(default=None, gt=0, le=3_600_000)
+
+
 PARAMS: dict[str, type[Params]] = {
     "ping": NoParams,
     "devices.list": DevicesList,
@@ -165,4 +206,9 @@ PARAMS: dict[str, type[Params]] = {
     "telemetry.recent": TelemetryRecent,
     "top": NoParams,
     "audit.list": AuditList,
+    "migrate": Migrate,
+    "migrations.list": MigrationsList,
+    "migrations.show": MigrationId,
+    "migrations.abort": MigrationId,
+    "plan": PlanParams,
 }

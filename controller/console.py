@@ -27,11 +27,18 @@ and ``--timeout S`` (default 10).
     fleetctl telemetry tail [--device ID] [--count N]          (straight from the broker)
     fleetctl top [--once] [--interval S]
     fleetctl audit [--limit N]
+    fleetctl migrate MODEL --source DEVICE --to NODE [--deploy-timeout D] [--switch-timeout D] [--reason TEXT]
+                     [--wait [--interval S]]
+    fleetctl migrations ls [--all]
+    fleetctl migrations show ID [--watch [--interval S]]
+    fleetctl migrations abort ID [--reason TEXT]
+    fleetctl plan [--apply] [--slo-ms MS]        (the placement planner's moves, p95 before/after)
 
 Exit codes: 0 ok; 1 an error (``fleetctl: <message>`` on stderr, and with ``--json``
 ``{"error": {...}}`` on stdout -- ``cli.main`` does that for every ``EdgeRuntimeError``);
 2 usage. Two outcomes are answers rather than errors but still exit 1: ``deploy --wait`` /
-``rollout show --watch`` ending ``aborted``, and a command the device answered ``ok:
+``rollout show --watch`` ending ``aborted`` (and ``migrate --wait`` / ``migrations show
+--watch`` ending ``reverted`` or ``failed``), and a command the device answered ``ok:
 false`` -- both print their row (``--json``: the row is the one document) and the reason
 on stderr. Ctrl-C in a live view exits 130.
 
@@ -61,6 +68,8 @@ from edge_runtime.protocol import messages, topics
 # Rollout states that may still change (controller.rollout.ACTIVE_STATES; a unit test
 # keeps the two equal without the console importing the controller's store).
 ACTIVE_ROLLOUT_STATES = ("pending", "running", "paused")
+# Likewise controller.migration.ACTIVE_STATES.
+ACTIVE_MIGRATION_STATES = ("pending", "deploying", "switching", "unloading", "reverting")
 DEFAULT_TIMEOUT = 10.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PIPE_WIDTH = 250  # table width when stdout is not a terminal
@@ -75,6 +84,10 @@ class ConsoleError(EdgeRuntimeError):
 
 class RolloutAborted(EdgeRuntimeError):
     code = "rollout_aborted"
+
+
+class MigrationReverted(EdgeRuntimeError):
+    code = "migration_reverted"
 
 
 class CommandFailed(EdgeRuntimeError):
@@ -357,7 +370,8 @@ def _wave_text(r: Mapping[str, Any]) -> str:
 
 def _state(s: Any) -> str:
     color = {"succeeded": "green", "done": "green", "aborted": "red", "failed": "red", "paused": "yellow",
-             "running": "cyan", "updating": "cyan", "reverting": "yellow", "reverted": "yellow"}.get(s)
+             "running": "cyan", "updating": "cyan", "reverting": "yellow", "reverted": "yellow",
+             "deploying": "cyan", "switching": "cyan", "unloading": "cyan"}.get(s)
     return f"[{color}]{s}[/]" if color else fmt(s)
 
 
@@ -447,6 +461,61 @@ def top_table(rows: list[dict[str, Any]], *, title: Optional[str] = None) -> Any
 
 def _pct(v: Any) -> str:
     return f"{v:.0f}%" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def migrations_table(rows: list[dict[str, Any]]) -> Any:
+    return _table(None, ["id", "model", "source", "from", "to", "state", "reason", "failure", "created", "finished"], [
+        [str(r["id"]), f"{r['model']}@{r.get('version') or '-'}", fmt(r.get("source")), fmt(r.get("from_node")),
+         fmt(r.get("to_node")), _state(r.get("state")), fmt(r.get("reason")), fmt(r.get("failure")),
+         fmt_time(r.get("created_at")), fmt_time(r.get("finished_at"))]
+        for r in rows])
+
+
+def migration_detail(r: dict[str, Any]) -> list[Any]:
+    """A migration (``migrations.show``) for people."""
+    pred = r.get("prediction") or {}
+    pairs = {
+        "state": _state(r.get("state")), "model": f"{r['model']}@{r.get('version') or '-'}",
+        "workload": f"{r.get('source')}: {r.get('from_node')} -> {r.get('to_node')}",
+        "deployed": "no (the target had it)" if r.get("target_had") else "yes (by this migration)",
+        "step deadline": fmt_time(r.get("deadline")), "reason": fmt(r.get("reason")),
+        "predicted p95": f"{_ms(pred.get('p95_before_ms'))} -> {_ms(pred.get('p95_after_ms'))}" if pred else "-",
+        "failure": fmt(r.get("failure")), "detail": fmt(r.get("detail")), "timeouts": fmt(r.get("timeouts")),
+        "created": f"{fmt_time(r.get('created_at'))} by {fmt(r.get('created_by'))}",
+        "updated": fmt_time(r.get("updated_at")), "finished": fmt_time(r.get("finished_at")),
+    }
+    return [_kv_table(f"migration {r['id']}", pairs)]
+
+
+def _ms(v: Any) -> str:
+    return f"{v:.1f} ms" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def plan_detail(result: dict[str, Any]) -> list[Any]:
+    """``plan`` for people: the moves, then the fleet before and after."""
+    moves = result.get("moves") or []
+    out: list[Any] = []
+    if moves:
+        out.append(_table("moves", ["model", "source", "from", "to", "reason", "p95 before", "p95 after", "migration"], [
+            [m["model"], m["source"], m["from_node"], m["to_node"], fmt(m.get("reason")), _ms(m.get("p95_before_ms")),
+             _ms(m.get("p95_after_ms")),
+             str(m["migration"]) if m.get("migration") is not None else (f"skipped: {m['skipped']}"
+                                                                       if m.get("skipped") else "-")]
+            for m in moves]))
+    else:
+        out.append("no moves: every workload stays where it is")
+    out.append(_kv_table(None, {
+        "SLO violations": f"{fmt(result.get('violations_before'))} -> {fmt(result.get('violations_after'))}",
+        "peak utilisation": f"{_pct100(result.get('peak_utilisation_before'))} -> "
+                            f"{_pct100(result.get('peak_utilisation_after'))}",
+        "planned over": f"{fmt(result.get('workloads'))} workloads, {fmt(result.get('nodes'))} nodes "
+                        f"({fmt(result.get('method'))})",
+    }))
+    return out
+
+
+def _pct100(v: Any) -> str:
+    return f"{v * 100:.0f}%" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
 
 def audit_table(rows: list[dict[str, Any]]) -> Any:
@@ -774,6 +843,85 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return _simple(args, "audit.list", {"limit": args.limit}, lambda rows: [audit_table(rows)])
 
 
+def migrate_params(args: argparse.Namespace) -> dict[str, Any]:
+    timeouts = {k: v for k, v in (("deploy_s", args.deploy_timeout), ("switch_s", args.switch_timeout))
+                if v is not None}
+    params: dict[str, Any] = {"model": args.model, "source": args.source, "to": args.to}
+    if timeouts:
+        params["timeouts"] = timeouts
+    if args.reason:
+        params["reason"] = args.reason
+    return params
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    with connect(args) as api:
+        row = api.request("migrate", migrate_params(args))
+        if args.wait:
+            row = _follow_migration(api, row, args)
+    return _finish_migration(args, row, following=args.wait)
+
+
+def cmd_migrations_ls(args: argparse.Namespace) -> int:
+    return _simple(args, "migrations.list", {"all": args.all}, lambda rows: [migrations_table(rows)])
+
+
+def cmd_migrations_show(args: argparse.Namespace) -> int:
+    with connect(args) as api:
+        row = api.request("migrations.show", {"id": args.id})
+        if args.watch:
+            row = _follow_migration(api, row, args)
+    return _finish_migration(args, row, following=args.watch)
+
+
+def cmd_migrations_abort(args: argparse.Namespace) -> int:
+    return _simple(args, "migrations.abort", {"id": args.id, "reason": args.reason}, migration_detail)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"apply": args.apply}
+    if args.slo_ms is not None:
+        params["slo_ms"] = args.slo_ms
+    return _simple(args, "plan", params, plan_detail)
+
+
+_MIGRATION_STEPS = ("pending", "deploying", "switching", "unloading", "done")
+
+
+def _follow_migration(api: ApiClient, row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Poll ``migrations.show`` until the migration is final (its steps on stderr)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    def describe(r: dict[str, Any]) -> tuple[str, int]:
+        state = r.get("state")
+        done = _MIGRATION_STEPS.index(state) if state in _MIGRATION_STEPS else len(_MIGRATION_STEPS) - 1
+        return (f"migration {r['id']} {r['model']} for {r.get('source')}: {r.get('from_node')} -> "
+                f"{r.get('to_node')}: {state}"), done
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=_stderr(),
+                  transient=True, disable=args.json) as bar:
+        text, done = describe(row)
+        task = bar.add_task(text, total=len(_MIGRATION_STEPS) - 1, completed=done)
+        while row.get("state") in ACTIVE_MIGRATION_STATES:
+            time.sleep(args.interval)
+            row = api.request("migrations.show", {"id": row["id"]})
+            text, done = describe(row)
+            bar.update(task, description=text, completed=done)
+    return row
+
+
+def _finish_migration(args: argparse.Namespace, row: dict[str, Any], *, following: bool) -> int:
+    if args.json:
+        emit_json(row)
+    else:
+        _print(migration_detail(row))
+    if following and row.get("state") in ("reverted", "failed"):
+        print(f"fleetctl: migration {row['id']} {row['state']}: {row.get('failure') or '-'}"
+              + (f" ({row['detail']})" if row.get("detail") else ""), file=sys.stderr)
+        return 1
+    return 0
+
+
 # -- the parser ---------------------------------------------------------------------
 
 
@@ -874,3 +1022,32 @@ def add_cli(sub: Any, models: Any) -> None:
 
     p = add(sub, "audit", cmd_audit, "who did what")
     p.add_argument("--limit", type=positive_int, default=50, metavar="N")
+
+    p = add(sub, "migrate", cmd_migrate, "move a device's calls of a model to another executor, make-before-break")
+    p.add_argument("model", type=ident, metavar="MODEL")
+    p.add_argument("--source", required=True, type=ident, metavar="DEVICE", help="the device whose calls move")
+    p.add_argument("--to", required=True, type=ident, metavar="NODE",
+                   help="the executor (a cloud node, a peer, or the source itself to serve locally again)")
+    p.add_argument("--deploy-timeout", type=positive_seconds, metavar="D",
+                   help="how long the target may take to run the model (default 5m)")
+    p.add_argument("--switch-timeout", type=positive_seconds, metavar="D",
+                   help="how long the source may take to confirm the new route (default 2m)")
+    p.add_argument("--reason", metavar="TEXT")
+    p.add_argument("--wait", action="store_true", help="follow it to its end; exit 1 if it reverts or fails")
+    p.add_argument("--interval", type=positive_seconds, default=1.0, metavar="S", help="poll interval for --wait")
+
+    migrations = sub.add_parser("migrations", help="migrations").add_subparsers(dest="migrations_command",
+                                                                               required=True)
+    p = add(migrations, "ls", cmd_migrations_ls, "list active migrations")
+    p.add_argument("--all", action="store_true", help="finished ones too")
+    p = add(migrations, "show", cmd_migrations_show, "one migration")
+    p.add_argument("id", type=positive_int)
+    p.add_argument("--watch", action="store_true", help="follow it to its end; exit 1 if it reverts or fails")
+    p.add_argument("--interval", type=positive_seconds, default=1.0, metavar="S", help="poll interval for --watch")
+    p = add(migrations, "abort", cmd_migrations_abort, "revert a migration that has not switched yet")
+    p.add_argument("id", type=positive_int)
+    p.add_argument("--reason", metavar="TEXT")
+
+    p = add(sub, "plan", cmd_plan, "the placement planner's moves over the fleet now (p95 before/after)")
+    p.add_argument("--apply", action="store_true", help="start a migration for each move")
+    p.add_argument("--slo-ms", type=float, metavar="MS", help="the p95 target to plan for (default: the controller's)")

@@ -18,8 +18,11 @@ What runs where:
                              (PUBACK) only after its commit
     api pool (4 threads)     console requests -> ``ApiServer`` -> reply (``cmd`` waits for a
                              device's reply, which comes through the dispatcher)
-    ticker thread            rollouts (``RolloutDriver.tick``) every ``--tick`` seconds and at
-                             once when a device report may move one; desired documents
+    ticker thread            rollouts (``RolloutDriver.tick``) and migrations
+                             (``MigrationDriver.tick``) every ``--tick`` seconds and at
+                             once when a device report may move one; with
+                             ``--rebalance-every D`` the placement planner over the fleet
+                             snapshot every D, a migration started per move; desired documents
                              re-signed before they expire; raw telemetry expired; the key
                              directory's ``root.json`` watched for a rotation
     connect hook             subscribe, retained ``ctl/state`` online; then (on the ticker)
@@ -78,7 +81,9 @@ from controller.commands import CommandSender
 from controller.console import duration
 from controller.desired import DesiredPublisher
 from controller.ingest import Ingest, Ingested, IngestWriter
+from controller.fleet_snapshot import DEFAULT_SLO_MS, Rebalancer
 from controller.keys import KeyDir, KeyDirError
+from controller.migrations import MigrationDriver
 from controller.roots import RootWatcher
 from controller.rollouts import RolloutDriver
 from controller.store import Store
@@ -115,6 +120,9 @@ class ServeConfig:
     ca_file: Optional[str] = None  # mqtts://: the fleet CA (checks the broker) ...
     cert_file: Optional[str] = None  # ... and this controller's certificate and key
     key_file: Optional[str] = None
+    rebalance_every_s: Optional[float] = None  # None: plan only when asked (fleetctl plan)
+    slo_ms: float = DEFAULT_SLO_MS  # the p95 target of a model without its own
+    slo_by_model: tuple[tuple[str, float], ...] = ()
 
 
 class Controller:
@@ -143,8 +151,12 @@ class Controller:
                                         valid_for=cfg.desired_valid_for, passphrase=cfg.passphrase)
         self.commands = CommandSender(self.store, self.keydir, self._publish, clock=clock, passphrase=cfg.passphrase)
         self.driver = RolloutDriver(self.store, self.desired.publish_many, clock=clock)
+        self.migrations = MigrationDriver(self.store, self.desired.publish_many, clock=clock)
+        self.rebalancer = Rebalancer(self.store, self.migrations, clock, slo_ms=cfg.slo_ms,
+                                     slo_by_model=dict(cfg.slo_by_model))
         self.api = ApiServer(self.store, driver=self.driver, desired=self.desired, commands=self.commands,
-                             keydir=self.keydir, clock=clock, instance=cfg.instance, passphrase=cfg.passphrase)
+                             keydir=self.keydir, clock=clock, instance=cfg.instance, passphrase=cfg.passphrase,
+                             migrations=self.migrations, rebalancer=self.rebalancer)
         self.blobs = BlobCache(self.store, cfg.data / "artifacts")
         self.artifacts = ArtifactService(self.client, ArtifactServer(self.blobs), share_group=cfg.share_group)
         self._pool = ThreadPoolExecutor(max_workers=cfg.api_threads, thread_name_prefix="ctl-api")
@@ -271,6 +283,7 @@ class Controller:
     def _tick_loop(self) -> None:
         last_refresh = 0.0
         last_expire = 0.0
+        last_rebalance = self.clock()  # the first round one period after start: telemetry first
         while not self._stopping.is_set():
             self._wake.wait(self.cfg.tick_s)
             self._wake.clear()
@@ -282,7 +295,15 @@ class Controller:
                     self._republish_pending.clear()
                     self._republish()
                 self.driver.tick()
+                self.migrations.tick()
                 now = self.clock()
+                every = self.cfg.rebalance_every_s
+                if every is not None and now - last_rebalance >= every:
+                    last_rebalance = now
+                    try:
+                        self.rebalancer.tick()
+                    except Exception:  # noqa: BLE001 - a bad snapshot must not stop rollouts
+                        log.exception("rebalance failed")
                 if now - last_refresh >= 60:
                     last_refresh = now
                     self.desired.refresh_expiring()
@@ -372,6 +393,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         desired_valid_for=timedelta(seconds=args.desired_validity), retention_s=args.retention,
         persistent_session=args.instance is not None,
         ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key,
+        rebalance_every_s=args.rebalance_every, slo_ms=args.slo_ms, slo_by_model=tuple(args.slo or ()),
     )
     try:  # the TLS options against the URL (mqtts://, certificate and key together), before anything starts
         MqttConfig(url=cfg.broker, ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file)
@@ -431,8 +453,33 @@ def add_cli(sub: Any, models: Any) -> None:
                    help="how long a signed desired state is valid (default 7d; re-signed at half)")
     p.add_argument("--retention", type=duration, default=7 * 86400.0, metavar="D",
                    help="raw telemetry and events kept this long (default 7d; hourly rollups stay)")
+    p.add_argument("--rebalance-every", type=_positive_duration, default=None, metavar="D",
+                   help="run the placement planner every D (e.g. 60s) and migrate per its moves "
+                        "(default: only on fleetctl plan --apply)")
+    p.add_argument("--slo-ms", type=float, default=DEFAULT_SLO_MS, metavar="MS",
+                   help=f"p95 latency target of a model without its own --slo (default {DEFAULT_SLO_MS:g})")
+    p.add_argument("--slo", type=_model_slo, action="append", metavar="MODEL=MS",
+                   help="a model's own p95 latency target (repeatable)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(fn=_serve_entry)
+
+
+def _positive_duration(text: str) -> float:
+    value = duration(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration > 0, got {text!r}")
+    return value
+
+
+def _model_slo(text: str) -> tuple[str, float]:
+    model, sep, ms = text.partition("=")
+    try:
+        value = float(ms)
+    except ValueError:
+        value = -1.0
+    if not sep or not topics.valid_id(model) or not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected MODEL=MS with MS > 0 (e.g. kws=50), got {text!r}")
+    return model, value
 
 
 def _serve_entry(args: argparse.Namespace) -> int:

@@ -18,7 +18,9 @@ on ``topics.chunk_inbox``; 64 KiB chunks, a window in flight, a retry on timeout
 against the manifest's size and sha256, reported as ``downloading -> verifying -> active``
 events (or ``rolled_back``/``health_check_failed`` for ``fail_versions``), then a new
 retained state with the desired generation and a ``reconciled`` event. Models the desired
-state does not name are ``removed``.
+state does not name are ``removed``. Each model's ``route`` (local, or the executor node the
+desired state names) is taken as given and reported in the state and telemetry, as the agent
+does; calls are not forwarded (no inference here).
 
 Signatures: with ``root_json`` every device verifies the desired envelope like the agent
 (``trust.TrustedState.verify_desired``: deploy-key threshold, target, generation floor,
@@ -437,6 +439,7 @@ class Held:
 
     active: Optional[str]
     versions: dict[str, InstalledVersion] = field(default_factory=dict)
+    route: str = messages.LOCAL
     calls: int = 0
     errors: int = 0
 
@@ -497,7 +500,7 @@ class SimDevice:
             online=True, boot_id=self.boot_id, bd_seq=self.bd_seq, at=_now(), runtime_version=RUNTIME_VERSION,
             capabilities=Capabilities(cores=4, memory_bytes=4 * 2**30, tier="edge", backends=["sim"],
                                       disk_bytes=32 * 2**30, arch="aarch64"),
-            models={name: InstalledModel(active=h.active, versions=list(h.versions.values()))
+            models={name: InstalledModel(active=h.active, versions=list(h.versions.values()), route=h.route)
                     for name, h in self.models.items()},
             generation=self.generation,
         )
@@ -518,7 +521,7 @@ class SimDevice:
             held.errors += errors
             p95 = float(report.get("p95_ms", 12.0)) * rnd.uniform(0.9, 1.1)
             figures[name] = ModelFigures(
-                version=held.active, calls=held.calls, errors=held.errors, rate=round(calls / interval, 3),
+                version=held.active, route=held.route, calls=held.calls, errors=held.errors, rate=round(calls / interval, 3),
                 p50_ms=round(p95 * 0.55, 3), p95_ms=round(p95, 3), p99_ms=round(p95 * 1.4, 3),
                 service_ms=round(p95 * 0.5, 3), utilisation=round(min(1.0, rate * p95 * 0.5 / 1000), 4))
         return Telemetry(
@@ -679,11 +682,15 @@ class SimDevice:
         for name, spec in desired.models.items():
             held = self.models.get(name)
             if held is not None and held.active == spec.version:
+                held.route = spec.route
                 continue
             if not spec.install:
+                self.models.setdefault(name, Held(active=None)).route = spec.route
                 continue
             if not await self._install(name, spec.manifest, gen):
                 refused += 1
+            elif name in self.models:
+                self.models[name].route = spec.route
             if self._desired is not None and self._desired.generation != gen:
                 return  # a newer document arrived: reconcile that one instead
         self.generation = gen

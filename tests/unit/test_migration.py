@@ -289,3 +289,173 @@ def test_every_run_ends_final_once_time_passes_every_deadline(record: MigrationR
         now += 1000
         record = apply(record, mg.decide(record, silent, now))
     assert record.state in mg.FINAL_STATES
+
+
+# -- the driver, the snapshot and the rebalancer over a real (SQLite) store ---------------------
+
+from controller.fleet_snapshot import Rebalancer, build_snapshot  # noqa: E402
+from controller.migrations import MigrationDriver  # noqa: E402
+from controller.store import Assignment, ReleaseRecord, Store  # noqa: E402
+from edge_runtime.protocol import messages as msg  # noqa: E402
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _state(store: Store, device: str, *, tier: str = "edge", models: Optional[dict[str, tuple[Optional[str], str]]] = None,
+           cores: int = 4, online: bool = True) -> None:
+    store.apply_state(device, msg.DeviceState(
+        online=online, boot_id="b", bd_seq=1, runtime_version="0.9",
+        capabilities=msg.Capabilities(cores=cores, memory_bytes=1 << 30, tier=tier),
+        models={n: msg.InstalledModel(active=a, route=r) for n, (a, r) in (models or {}).items()},
+    ).model_dump(mode="json"), now=T0)
+
+
+@pytest.fixture
+def fleet(tmp_path: Any) -> Any:
+    store = Store.open(f"sqlite:///{tmp_path / 'c.db'}")
+    sig = {"inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
+           "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 2]}]}
+    store.add_release(ReleaseRecord(model="kws", version=V, sha256="ab" * 32, size=5000,
+                                    manifest={"name": "kws", "version": V, "sha256": "ab" * 32, "size": 5000,
+                                              "signature": sig},
+                                    envelope="{}", created_at=T0, created_by="t"))
+    _state(store, "cam", models={"kws": (V, "local")})
+    _state(store, "cloud", tier="cloud", cores=16)
+    store.set_assignments({"cam": {"kws": Assignment("cam", "kws", V)}}, now=T0)
+    published: list[list[str]] = []
+    clock = Clock()
+    driver = MigrationDriver(store, lambda ids: published.append(list(ids)), clock=clock, timeouts=T)
+    yield store, driver, clock, published
+    store.close()
+
+
+def test_driver_runs_a_migration_from_the_store_facts(fleet: Any) -> None:
+    store, driver, clock, published = fleet
+    m = driver.create("kws", "cam", "cloud", actor="ops")
+    assert (m.state, m.target_had, m.from_node) == ("deploying", False, "cam")
+    assert store.assignments("cloud") == [Assignment("cloud", "kws", V)] and published == [["cloud"]]
+    assert driver.tick() == 0  # nothing reported yet
+    _state(store, "cloud", tier="cloud", models={"kws": (V, "local")})
+    clock.t += 1
+    assert driver.tick() == 1 and store.get_migration(m.id).state == "switching"
+    assert store.assignments("cam") == [Assignment("cam", "kws", V, route="cloud", install=True)]
+    _state(store, "cam", models={"kws": (V, "cloud")})
+    clock.t += 1
+    driver.tick()
+    assert store.get_migration(m.id).state == "done"
+    with pytest.raises(ValueError, match="already go to cloud"):
+        driver.create("kws", "cam", "cloud", actor="ops")
+    # and back: the cloud node is unloaded once nothing routes to it
+    back = driver.create("kws", "cam", "cam", actor="ops")
+    assert back.state == "switching" and store.assignments("cam")[0].route == "local"
+    _state(store, "cam", models={"kws": (V, "local")})
+    clock.t += 1
+    driver.tick()
+    assert store.get_migration(back.id).state == "unloading" and store.assignments("cloud") == []
+    _state(store, "cloud", tier="cloud")
+    driver.tick()
+    assert store.get_migration(back.id).state == "done"
+
+
+def test_driver_refusals_and_abort(fleet: Any) -> None:
+    store, driver, clock, published = fleet
+    from controller.store import Conflict, NotFound
+
+    with pytest.raises(NotFound):
+        driver.create("kws", "cam", "nowhere", actor="ops")
+    with pytest.raises(NotFound, match="no assignment"):
+        driver.create("other", "cam", "cloud", actor="ops")
+    store.set_assignments({"cloud": {"kws": Assignment("cloud", "kws", V, route="cam")}}, now=T0)
+    with pytest.raises(Conflict, match="forwards kws"):
+        driver.create("kws", "cam", "cloud", actor="ops")
+    store.set_assignments({"cloud": {"kws": None}}, now=T0)
+    m = driver.create("kws", "cam", "cloud", actor="ops")
+    with pytest.raises(Conflict, match="is deploying"):
+        driver.create("kws", "cam", "cloud", actor="ops")
+    aborted = driver.abort(m.id, actor="ops", reason="changed my mind")
+    assert (aborted.state, aborted.failure) == ("reverted", "aborted")  # the source never switched
+    assert store.assignments("cloud") == [] and store.assignments("cam")[0].route == "local"
+
+
+def test_snapshot_and_rebalancer_move_an_overloaded_source(fleet: Any) -> None:
+    store, driver, clock, published = fleet
+    # cam: 1 core, 200 calls/s of a 10 ms model = 2x its capacity; the cloud node idles
+    _state(store, "cam", models={"kws": (V, "local")}, cores=1)
+    tel = msg.Telemetry(seq=1, at="2024-01-01T00:00:00Z", boot_id="b", interval_s=1.0,
+                        system=msg.SystemFigures(cpu_percent=99, memory_total_bytes=1 << 30,
+                                                 memory_available_bytes=1 << 29),
+                        models={"kws": msg.ModelFigures(version=V, rate=200.0, service_ms=10.0)},
+                        peers_rtt_ms={"cloud": 12.0})
+    store.add_telemetry("cam", tel.model_dump(mode="json"), now=T0)
+    snap = build_snapshot(store, now=clock(), slo_ms=80.0)
+    assert {n.id: (n.tier, n.cores) for n in snap.nodes} == {"cam": ("edge", 1), "cloud": ("cloud", 16)}
+    assert [(w.model, w.source, w.rate, w.slo_ms, w.executor) for w in snap.workloads] == [
+        ("kws", "cam", 200.0, 80.0, "cam")]
+    assert snap.models["kws"].memory_bytes == 5000 and snap.service_ms == {("cam", "kws"): 10.0}
+    assert snap.rtt_ms == {("cam", "cloud"): 12.0}
+
+    reb = Rebalancer(store, driver, clock, slo_ms=80.0)
+    dry = reb.plan()
+    assert [(m["source"], m["from_node"], m["to_node"], m["migration"]) for m in dry["moves"]] == [
+        ("cam", "cam", "cloud", None)]
+    assert dry["moves"][0]["p95_after_ms"] < 80.0 and store.list_migrations() == []
+    applied = reb.plan(apply=True)
+    mid = applied["moves"][0]["migration"]
+    m = store.get_migration(mid)
+    assert (m.to_node, m.reason, m.state) == ("cloud", applied["moves"][0]["reason"], "deploying")
+    assert m.prediction["p95_after_ms"] == applied["moves"][0]["p95_after_ms"]
+    again = reb.plan(apply=True)  # the workload has an active migration: not started twice
+    assert again["moves"][0]["migration"] is None and f"migration {mid} is active" in again["moves"][0]["skipped"]
+
+
+# -- the console ---------------------------------------------------------------------------------
+
+
+def test_console_commands_have_json_connection_options_and_params() -> None:
+    from controller import apiclient, console
+    from controller.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["migrate", "kws", "--source", "cam", "--to", "cloud"], ["migrations", "ls"],
+                 ["migrations", "show", "1"], ["migrations", "abort", "1"], ["plan"], ["plan", "--apply"]):
+        args = parser.parse_args([*argv, "--json", "--broker", "mqtt://h:1", "--username", "u",
+                                  "--password-file", "p", "--timeout", "3s"])
+        assert args.json and args.broker == "mqtt://h:1" and args.timeout == 3.0 and callable(args.fn), argv
+    args = parser.parse_args(["migrate", "kws", "--source", "cam", "--to", "cloud", "--deploy-timeout", "2m"])
+    params = console.migrate_params(args)
+    assert params == {"model": "kws", "source": "cam", "to": "cloud", "timeouts": {"deploy_s": 120.0}}
+    assert apiclient.validate_params("migrate", params)["timeouts"]["switch_s"] is None
+    assert console.ACTIVE_MIGRATION_STATES == mg.ACTIVE_STATES
+
+
+def test_console_tables_render() -> None:
+    from rich.console import Console
+
+    from controller import console
+
+    row = {"id": 4, "model": "kws", "version": "2", "source": "cam", "from_node": "cam", "to_node": "cloud",
+           "state": "reverted", "target_had": False, "timeouts": T.to_dict(), "step_started_at": T0, "deadline": None,
+           "reason": "slo_violation", "prediction": {"p95_before_ms": 120.5, "p95_after_ms": 40.0},
+           "failure": "deploy_timeout", "detail": "cloud not active within 30s", "created_at": T0, "updated_at": T0,
+           "finished_at": T0 + 31, "created_by": "ops"}
+    out = Console(record=True, width=250, color_system=None)
+    for item in [console.migrations_table([row]), *console.migration_detail(row),
+                 *console.plan_detail({"moves": [{"model": "kws", "source": "cam", "from_node": "cam",
+                                                  "to_node": "cloud", "reason": "slo_violation",
+                                                  "p95_before_ms": 120.5, "p95_after_ms": None, "migration": 4,
+                                                  "skipped": None}],
+                                       "violations_before": 1, "violations_after": 0,
+                                       "peak_utilisation_before": 2.0, "peak_utilisation_after": 0.1,
+                                       "method": "heuristic", "workloads": 1, "nodes": 2}),
+                 *console.plan_detail({"moves": []})]:
+        out.print(item)
+    text = out.export_text()
+    for piece in ("kws@2", "cam: cam -> cloud", "reverted", "deploy_timeout", "120.5 ms -> 40.0 ms", "slo_violation",
+                  "1 -> 0", "200% -> 10%", "no moves"):
+        assert piece in text, piece
