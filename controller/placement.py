@@ -43,8 +43,9 @@ Objective (lexicographic): fewest SLO violations, then lowest peak utilisation o
 nodes, then fewest moves (``objective``). Hysteresis keeps plans from flapping: a workload
 moved less than ``cooldown_s`` ago is not moved again (unless its executor is offline), and
 a move is admissible only if it brings its workload back from an offline executor, removes
-its SLO violation, takes load off a node over the utilisation target, or cuts its predicted
-p95 by at least ``min_gain_ms``. A move never puts a node over its memory or the utilisation
+its SLO violation, takes load off a node over the utilisation target, lowers the busiest
+node's utilisation by ``peak_gain``, or cuts its predicted p95 by at least
+``max(min_gain_ms, move_cost_ms)`` without raising the peak. A move never puts a node over its memory or the utilisation
 target, and never pushes a workload already on the target node over its SLO.
 
 The heuristic (``plan``)
@@ -56,19 +57,27 @@ in priority order:
 2. violating workloads, worst first (``slo_violation``);
 3. nodes over the utilisation target, highest first: their workloads, largest load first,
    until the node is back under target (``over_utilisation``);
-4. workloads whose p95 can drop by ``max(min_gain_ms, move_cost_ms)`` without raising the
+4. peak shaving (``peak_utilisation``): while a move off the busiest node lowers it by
+   ``peak_gain`` without a new violation (off by default: ``Policy.peak_gain`` None);
+5. workloads whose p95 can drop by ``max(min_gain_ms, move_cost_ms)`` without raising the
    fleet's peak utilisation (``latency_gain``) — latency is not in the objective, so such a
    move must not worsen it.
+
+A workload moves at most once per plan, except that peak shaving may move one on again (its
+Move then reads from its original executor); every shave lowers the sorted utilisations, so
+rounds end, and the last round changes nothing, so planning the result again moves nothing.
 
 Candidate executors for a workload: its source, the least-loaded nodes that already run the
 model (a heap per model), and the least-loaded edge and cloud nodes (a heap per tier). Heaps
 are lazy (stale entries skipped), so a plan costs about O(workloads * k log nodes). Among
 admissible candidates the best is the one with (no violation, lowest resulting peak,
-lowest p95 + ``move_cost_ms``). A workload moves at most once per plan.
+lowest p95 + ``move_cost_ms``), where "resulting peak" counts only above the current peak
+(below it, latency decides).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections import defaultdict
@@ -172,7 +181,7 @@ class Policy:
     max_moves: Optional[int] = None
     # a move for the peak alone (reason "peak_utilisation") must lower the busiest node's
     # utilisation by at least this much; None: never move for the peak alone
-    peak_gain: Optional[float] = 0.01
+    peak_gain: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -546,6 +555,7 @@ class _State:
         self.work = {w.key: w for w in snapshot.workloads}
         self.active = {w.key for w in snapshot.workloads if self.nodes[w.source].online}
         self.exec: dict[Key, str] = {w.key: w.executor for w in snapshot.workloads}
+        self.moves_made = 0  # state changes, including a moved workload moving on
         self.load = dict.fromkeys(self.nodes, 0.0)  # busy servers (sum of rate * S)
         self.model_count: dict[str, dict[str, int]] = defaultdict(dict)  # node -> model -> workloads
         self.members: dict[str, set[Key]] = defaultdict(set)  # node -> active workloads it executes
@@ -702,6 +712,7 @@ class _State:
         self.members[to].add(key)
         self.load[to] += w.rate * self.svc(to, w.model) / 1000.0
         self.exec[key] = to
+        self.moves_made += 1
         self._touch(frm)
         self._touch(to)
 
@@ -776,6 +787,7 @@ def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
         t = snapshot.last_moved.get(key)
         return t is not None and snapshot.now - t < policy.cooldown_s
 
+
     def movable(key: Key) -> bool:
         if key in frozen or key not in st.active:
             return False
@@ -827,11 +839,13 @@ def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
         _, to, p_after = choice
         st.move(key, to)
         frozen.add(key)
+        if not st.nodes[frm].online:
+            reason = "offline_executor"  # whichever step found it a place
         moves.append(Move(w.model, w.source, frm, to, reason, p_before, p_after))
         return True
 
     while True:  # to a fixpoint; ends, as a workload moves at most once per plan
-        n_before = len(moves)
+        n_before = st.moves_made
         # 1. offline executors
         for key in sorted(k for k in st.active if not st.nodes[st.exec[k]].online):
             if movable(key):
@@ -854,15 +868,16 @@ def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
                 if st.util(node) <= st.target + 1e-12:
                     break
                 best(key, "over_utilisation")
-        # 4. latency gains that do not raise the peak
+        # 4. shave the peak: load off the busiest node while that lowers it by peak_gain
+        if policy.peak_gain is not None:
+            cap = 4 * len(st.work) + 16  # a backstop: each shave lowers the sorted loads
+            while cap > 0 and _shave(st, policy, movable, frozen, moves, budget):
+                cap -= 1
+        # 5. latency gains that do not raise the peak
         for key in sorted(k for n in st.nodes for k in st.scan(n)[1]):
             if movable(key) and _may_gain(st, key, min_gain):
                 best(key, "latency_gain")
-        # 5. shave the peak: load off the busiest node while that lowers it by peak_gain
-        if policy.peak_gain is not None:
-            while len(moves) < budget and _shave(st, policy, movable, frozen, moves):
-                pass
-        if len(moves) == n_before:
+        if st.moves_made == n_before:
             break
 
     assignment = MappingProxyType(dict(st.exec))
@@ -893,19 +908,21 @@ def _may_gain(st: _State, key: Key, min_gain: float) -> bool:
 
 
 
-def _shave(st: _State, policy: Policy, movable, frozen: set, moves: list) -> bool:
+def _shave(st: _State, policy: Policy, movable, frozen: set, moves: list, budget: float) -> bool:
     """One peak move: the workload of the busiest node and the candidate that bring the
     pair's higher utilisation lowest, if that is at least ``peak_gain`` below the peak and no
-    workload gains a violation. True if it moved one."""
+    workload gains a violation. A workload this plan already moved may move on (its Move is
+    rewritten from its original executor; one back home drops it). True if one moved."""
     node = st.peak_node()
     if node is None:
         return False
     u_peak = st.util(node)
     ceiling = u_peak - policy.peak_gain
     cores = st.nodes[node].cores
+    can_add = len(moves) < budget
     choice = None
     for key in st.members[node]:
-        if not movable(key):
+        if not (key in frozen or (can_add and movable(key))):
             continue
         w = st.work[key]
         u_from = u_peak - w.rate * st.svc(node, w.model) / 1000.0 / cores
@@ -932,6 +949,14 @@ def _shave(st: _State, policy: Policy, movable, frozen: set, moves: list) -> boo
     (_, _, key, to), p_before, p_after = choice
     w = st.work[key]
     st.move(key, to)
-    frozen.add(key)
-    moves.append(Move(w.model, w.source, node, to, "peak_utilisation", p_before, p_after))
+    if key in frozen:
+        i = next(i for i, m in enumerate(moves) if (m.model, m.source) == key)
+        first = moves[i]
+        if first.from_node == to:
+            del moves[i]  # back where it started: no move at all
+        else:
+            moves[i] = dataclasses.replace(first, to_node=to, p95_after_ms=p_after)
+    else:
+        frozen.add(key)
+        moves.append(Move(w.model, w.source, node, to, "peak_utilisation", p_before, p_after))
     return True

@@ -325,13 +325,13 @@ def test_peak_is_shaved_when_that_lowers_it_by_peak_gain():
         [Model("a", MB, 40.0), Model("b", MB, 40.0)],
         [Workload("a", "d1", 10.0, 5_000.0, "d1"), Workload("b", "d1", 5.0, 5_000.0, "d1")],
     )
-    p = pl.plan(s, Policy(min_gain_ms=1_000.0))  # no latency-only moves
+    p = pl.plan(s, Policy(min_gain_ms=1_000.0, peak_gain=0.01))  # no latency-only moves
     assert [(m.model, m.to_node, m.reason) for m in p.moves] == [
         ("a", "c1", "peak_utilisation"),  # 0.6 -> 0.2 (the largest drop first)
         ("b", "c1", "peak_utilisation"),  # 0.2 -> 0.075 on c1
     ]
     assert p.peak_utilisation_after == pytest.approx(0.075)
-    assert pl.plan(s, Policy(min_gain_ms=1_000.0, peak_gain=None)).moves == ()
+    assert pl.plan(s, Policy(min_gain_ms=1_000.0)).moves == ()  # off by default
     # a drop below peak_gain is not worth a move
     small = dataclasses.replace(s, workloads=(Workload("a", "d1", 0.2, 5_000.0, "d1"),))
     assert pl.plan(small, Policy(peak_gain=0.01)).moves == ()
