@@ -94,8 +94,10 @@ class Pair:
 
 
 @pytest.fixture
-def pair(amqtt_broker: Any, tmp_path: Path, model_files: dict[str, Path], zoo: dict[str, Any],
-         vision: tuple[Any, Path]) -> Iterator[Pair]:
+def pair(request: pytest.FixtureRequest, amqtt_broker: Any, tmp_path: Path, model_files: dict[str, Path],
+         zoo: dict[str, Any], vision: tuple[Any, Path]) -> Iterator[Pair]:
+    """The node and the device, reconciled; ``indirect`` parametrisation gives the node's
+    ``[remote]`` settings."""
     from edge_runtime.modelgen import zoo as z
 
     vmodel, vpath = vision
@@ -123,9 +125,8 @@ def pair(amqtt_broker: Any, tmp_path: Path, model_files: dict[str, Path], zoo: d
         notify = stack.enter_context(NotifyListener())
         runtimes = {}
         extras = {
-            # One worker and room for one waiting call: a burst of vision calls overflows it.
-            NODE: {"tier": "cloud", "remote": {"executor_workers": 1, "executor_queue": 1}},
-            DEVICE: {"remote": {"deadline_ms": 1500, "breaker_failures": 2, "breaker_open_s": 1.0}},
+            NODE: {"tier": "cloud", "remote": getattr(request, "param", {})},
+            DEVICE: {"remote": {"deadline_ms": 3000, "breaker_failures": 2, "breaker_open_s": 1.0}},
         }
         for rid in (NODE, DEVICE):
             port = free_port()
@@ -164,6 +165,8 @@ def fallbacks(obs: Observer, model: str, since: int = 0) -> list[messages.Event]
 # -- 1. calls go through the node; its queue pushes back --------------------------------------
 
 
+# One worker and room for one waiting call: a burst of vision calls overflows it.
+@pytest.mark.parametrize("pair", [{"executor_workers": 1, "executor_queue": 1}], indirect=True)
 def test_routed_calls_are_served_by_the_node_and_a_full_queue_pushes_back(pair: Pair) -> None:
     dev, node = pair.device, pair.node
     assert node.obs.wait_for(lambda o: next((s for s in o.states if s.online), None), 5, what="node birth"

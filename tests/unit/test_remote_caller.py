@@ -334,3 +334,22 @@ def test_caller_and_node_in_memory_end_to_end(tiny: dict[str, Any]) -> None:
         assert node.figures()["tiny"]["served_for_peers"] == 1 and node_engine.stats("tiny").calls == 1
     finally:
         node.stop()
+
+
+def test_telemetry_merges_remote_figures_routes_and_round_trips(tiny: dict[str, Any], tmp_path: Path) -> None:
+    from edge_runtime.agent.telemetry import TelemetryCollector
+
+    engine = Engine(pool_size=1)
+    engine.swap("tiny", "1", tiny["path"])
+    extra = {"tiny": {"forwarded": 3, "fallbacks": 1, "served_for_peers": 2, "unknown_field": 9},
+             "solo": {"forwarded": 4, "forward_failures": 1}, "bad name!": {"forwarded": 1}}
+    collector = TelemetryCollector(engine, data_dir=tmp_path, device_id=ME, extra=lambda: extra,
+                                   routes=lambda: {"tiny": NODE, "solo": NODE})
+    sample = collector.collect(1, peers_rtt_ms={NODE: 2.5, "bad id!": 1.0, "node-2": float("nan")})
+    tiny_fig, solo = sample.models["tiny"], sample.models["solo"]
+    assert (tiny_fig.route, tiny_fig.forwarded, tiny_fig.fallbacks, tiny_fig.served_for_peers) == (NODE, 3, 1, 2)
+    assert tiny_fig.version == "1"
+    assert (solo.route, solo.forwarded, solo.forward_failures, solo.calls, solo.version) == (NODE, 4, 1, 0, None)
+    assert set(sample.models) == {"tiny", "solo"}
+    assert sample.peers_rtt_ms == {NODE: 2.5}
+    messages.decode("telemetry", messages.encode(sample))  # what goes on the wire decodes
