@@ -295,7 +295,13 @@ def test_transfer_resumes_from_its_bitmap_after_broker_kill_and_agent_restart(br
             refetched = sorted(o for (s, o) in after if s == sha and o in held)
             assert not refetched, f"chunks held in the bitmap were fetched again: {refetched}"
             missing = n_chunks - len(held)
-            assert {o for (s, o) in after if s == sha} == {i * CHUNK for i in range(n_chunks)} - held
+            needed = {i * CHUNK for i in range(n_chunks)} - held
+            got_after = {o for (s, o) in after if s == sha}
+            assert got_after <= needed, f"served after the restart but not needed: {sorted(got_after - needed)}"
+            # An answer queued before the broker died is re-sent by the service's MQTT client
+            # once it reconnects (QoS 1), so a needed chunk may arrive without a new request:
+            # every needed chunk was served at some point, none held was served again.
+            assert needed <= got_after | {o for (s, o) in before if s == sha}
 
             # The transfer's own account rides on its final "downloading" event. With amqtt the
             # observer may miss it: a restarted amqtt forgets sessions, so an event the agent
