@@ -27,7 +27,7 @@ import pytest
 
 pytest.importorskip("sqlalchemy", reason="the controller's modules need the full install")
 
-from controller import apiclient, ingest, rollout  # noqa: E402
+from controller import apiclient, ingest, migration, rollout  # noqa: E402
 from edge_runtime import errors  # noqa: E402
 from edge_runtime.agent import transfer  # noqa: E402
 from edge_runtime.protocol import messages, trust  # noqa: E402
@@ -112,6 +112,7 @@ CATEGORIES = {
     "Controller ingest rejections": lambda: set(messages.ProtocolError.REASONS) | _ingest_literal_reasons(),
     "Rollout and step states": lambda: (set(rollout.ROLLOUT_STATES) | set(rollout.STEP_STATES)
                                          | _rollout_literal_reasons()),
+    "Migration states and failures": lambda: set(migration.STATES) | set(migration.FAILURES),
     "Console and API errors": lambda: set(messages.API_ERRORS) | _codes_of(apiclient, errors.EdgeRuntimeError),
     "Device runtime error codes": lambda: _codes_of(errors, errors.EdgeRuntimeError),
 }
