@@ -47,7 +47,6 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -62,6 +61,7 @@ from edge_runtime.agent.documents import MAX_PENDING_ROOTS, DesiredOutcome, Docu
 from edge_runtime.agent.executor import Executor
 from edge_runtime.agent.reconcile import Noop, Refuse
 from edge_runtime.agent.outbox import Item, Outbox
+from edge_runtime.agent.eventlimit import EventLimiter
 from edge_runtime.agent.remote import RemoteCaller, RemoteSettings, merge_figures
 from edge_runtime.agent.reporter import Reporter
 from edge_runtime.agent.routes import RouteTable
@@ -94,38 +94,6 @@ class NotProvisionedError(EdgeRuntimeError):
     code = "not_provisioned"
 
 
-@dataclass
-class _RejectionLimiter:
-    """At most ``per_min`` rejection events a minute; the rest are counted and the count
-    rides on the next event that goes out."""
-
-    per_min: int
-    window_start: float = 0.0
-    sent: int = 0
-    suppressed: int = 0
-
-    last_reason: str = "malformed"
-
-    def allow(self, now: float, reason: str) -> tuple[bool, int]:
-        if now - self.window_start >= 60.0:
-            self.window_start, self.sent = now, 0
-        if self.sent >= self.per_min:
-            self.suppressed += 1
-            self.last_reason = reason
-            return False, 0
-        self.sent += 1
-        carried, self.suppressed = self.suppressed, 0
-        return True, carried
-
-    def overdue(self, now: float) -> int:
-        """The count still unreported once its window has passed (then reset), else 0."""
-        if self.suppressed and now - self.window_start >= 60.0:
-            carried, self.suppressed = self.suppressed, 0
-            self.window_start, self.sent = now, 1
-            return carried
-        return 0
-
-
 class Agent:
     """One device agent process (``run()`` returns its exit code)."""
 
@@ -148,7 +116,7 @@ class Agent:
         self._reconciled_generation: Optional[int] = None
         self._controller_online: Optional[bool] = None
         self._broker_rtt_ms: Optional[float] = None
-        self._rejections = _RejectionLimiter(REJECTION_EVENTS_PER_MIN)
+        self._rejections = EventLimiter(REJECTION_EVENTS_PER_MIN)
         self.recent_log = RecentLog()
         self.telemetry_interval = config.telemetry_interval_s
         self.mqtt: Optional[MqttClient] = None

@@ -60,6 +60,7 @@ from edge_runtime.errors import (
 )
 from edge_runtime.protocol import messages, topics
 from edge_runtime.protocol.messages import LOCAL, REASONS, InferRequest, InferResponse, ModelSpec
+from edge_runtime.agent.eventlimit import EventLimiter
 
 log = logging.getLogger(__name__)
 
@@ -129,37 +130,6 @@ class Breaker:
     def succeeded(self) -> None:
         self.failures = 0
         self.open_until = float("-inf")
-
-
-@dataclass
-class EventLimiter:
-    """At most ``per_min`` events a minute; the rest are counted, and the count rides on the
-    next event that goes out (or on a summary once the minute is over: ``overdue``)."""
-
-    per_min: int
-    window_start: float = float("-inf")
-    sent: int = 0
-    suppressed: int = 0
-    last_reason: str = "executor_unreachable"
-
-    def allow(self, now: float, reason: str) -> tuple[bool, int]:
-        if now - self.window_start >= 60.0:
-            self.window_start, self.sent = now, 0
-        if self.sent >= self.per_min:
-            self.suppressed += 1
-            self.last_reason = reason
-            return False, 0
-        self.sent += 1
-        carried, self.suppressed = self.suppressed, 0
-        return True, carried
-
-    def overdue(self, now: float) -> int:
-        """The count still unreported once its window has passed (then reset), else 0."""
-        if self.suppressed and now - self.window_start >= 60.0:
-            carried, self.suppressed = self.suppressed, 0
-            self.window_start, self.sent = now, 1
-            return carried
-        return 0
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_runtime.agent.daemon import _RejectionLimiter
+from edge_runtime.agent.eventlimit import EventLimiter as _RejectionLimiter
 
 
 def test_rejection_events_are_capped_per_minute_and_the_rest_counted() -> None:
