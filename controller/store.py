@@ -947,14 +947,8 @@ class Store:
                 raise ValueError(f"cannot set {sorted(bad)} on step {dev}; settable: {sorted(_STEP_FIELDS)}")
 
         def fn(conn: sa.Connection) -> RolloutRecord:
-            res = conn.execute(sa.update(ro).where(ro.c.id == rollout_id, ro.c.revision == revision)
-                               .values(**fields, revision=ro.c.revision + 1, updated_at=now))
-            if res.rowcount == 0:
-                held = conn.execute(sa.select(ro.c.revision).where(ro.c.id == rollout_id)).scalar()
-                if held is None:
-                    raise NotFound(f"no rollout {rollout_id}: fleetctl rollout list shows the existing ones")
-                raise Conflict(f"rollout {rollout_id} is at revision {held}, not {revision}: someone else "
-                               "changed it; reload it and decide again")
+            _compare_and_set(conn, ro, rollout_id, revision, fields, now, what="rollout",
+                             listing="fleetctl rollout list")
             for dev, vals in sorted(steps.items()):
                 if not vals:
                     continue
@@ -1060,14 +1054,8 @@ class Store:
             raise ValueError(f"cannot set {sorted(bad)} on a migration; settable: {sorted(_MIGRATION_FIELDS)}")
 
         def fn(conn: sa.Connection) -> MigrationRecord:
-            res = conn.execute(sa.update(mi).where(mi.c.id == migration_id, mi.c.revision == revision)
-                               .values(**fields, revision=mi.c.revision + 1, updated_at=now))
-            if res.rowcount == 0:
-                held = conn.execute(sa.select(mi.c.revision).where(mi.c.id == migration_id)).scalar()
-                if held is None:
-                    raise NotFound(f"no migration {migration_id}: fleetctl migrations ls shows the existing ones")
-                raise Conflict(f"migration {migration_id} is at revision {held}, not {revision}: someone else "
-                               "changed it; reload it and decide again")
+            _compare_and_set(conn, mi, migration_id, revision, fields, now, what="migration",
+                             listing="fleetctl migrations ls")
             return self._migration(conn, migration_id)
 
         try:
@@ -1541,6 +1529,24 @@ _DEVICES_LOCKED = sa.select(d).where(d.c.id.in_(sa.bindparam("ids", expanding=Tr
 _DEVICE_TELEMETRY_UPDATE = sa.update(d).where(d.c.id == sa.bindparam("b_id")).values(
     last_seen=sa.bindparam("b_last_seen"), last_telemetry=sa.bindparam("b_last_telemetry", type_=d.c.last_telemetry.type),
     last_telemetry_seq=sa.bindparam("b_last_telemetry_seq"))
+
+
+def _compare_and_set(conn: sa.Connection, table: sa.Table, row_id: int, revision: int, fields: dict[str, Any],
+                     now: float, *, what: str, listing: str) -> None:
+    """Set ``fields`` on the row when its revision is still ``revision``, bumping revision and
+    updated_at (rollouts and migrations share this guard).
+
+    Raises:
+        NotFound: no such row. Conflict: the revision moved.
+    """
+    res = conn.execute(sa.update(table).where(table.c.id == row_id, table.c.revision == revision)
+                       .values(**fields, revision=table.c.revision + 1, updated_at=now))
+    if res.rowcount == 0:
+        held = conn.execute(sa.select(table.c.revision).where(table.c.id == row_id)).scalar()
+        if held is None:
+            raise NotFound(f"no {what} {row_id}: {listing} shows the existing ones")
+        raise Conflict(f"{what} {row_id} is at revision {held}, not {revision}: someone else "
+                       "changed it; reload it and decide again")
 
 
 def _inserted(conn: sa.Connection, stmt: Any) -> int:
