@@ -22,6 +22,7 @@ from controller.store import Assignment, ReleaseRecord, Store, StoreUnavailable
 from edge_runtime.protocol import messages, topics
 from edge_runtime.protocol.trust import Rejection, TrustedState
 from tests.fleetkit import make_keys
+from tests.helpers import wait_until
 from tests.agentkit import manifest_for
 
 T0 = float(int(time.time()))  # the root make_keys writes is valid from now for a year
@@ -179,10 +180,8 @@ def test_ingest_writer_acknowledges_after_the_commit_and_waits_out_an_outage(par
     try:
         for seq in range(1, 41):
             writer.put(seq, topics.telemetry("dev-1"), _telemetry(seq))
-        deadline = time.monotonic() + 10
-        while len(attempts) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(attempts) >= 3 and done == []  # retried, nothing acknowledged
+        wait_until(lambda: len(attempts) >= 3, timeout=10, what="the writer retrying the batch")
+        assert done == []  # retried, nothing acknowledged
         down.clear()
         assert all_done.wait(10)
     finally:
