@@ -6,28 +6,40 @@ What it starts (each in its own session, output in ``DIR/logs/NAME.log``):
 
     fleetctl broker          the embedded amqtt broker with a users file and its ACLs:
                              "ctl" (controller), "console" (this script), and one device user
-                             per device whose username is the device id
+                             per node whose username is the node id (cloud-1's too)
     fleetctl serve           the controller: keys in DIR/keys, SQLite in DIR/controller
     edge-runtime run  x3     dev-1, dev-2, dev-3: own data dir, REST port and password file,
                              trusting DIR/keys/root.json (the root made by ``keys init``)
+    edge-runtime run         cloud-1, after the rollouts: the same runtime with ``tier = "cloud"``
 
 What it then does, as an operator would with ``fleetctl`` (through the same ``ApiClient``):
 
-    1. push tiny@1 and deploy it with a 34% canary                 -> succeeded
-    2. push tiny@2, canary 34% then 100%                           -> succeeded;
+    1. push tiny@1 and deploy it with a 33% canary (one device)    -> succeeded
+    2. push tiny@2, canary 33% then 100%                           -> succeeded;
        REST predict on every device equals v2's numpy reference
-    3. push tiny@3 (outputs NaN), canary 34%                       -> aborted at the canary
+    3. push tiny@3 (outputs NaN), canary 33%                       -> aborted at the canary
        with health_check_failed; the canary reverted to 2, the others never touched;
        REST predict on every device still equals v2's reference
-    4. a devices table and a rollouts table (``--json``: one JSON summary on stdout)
+    4. a live migration under load: cloud-1 starts (tier cloud) while a load generator calls
+       dev-2's local API back to back (one REST thread, one fast-path thread, every answer
+       checked against v2's reference);
+       migrate tiny --source dev-2 --to cloud-1 (make-before-break)  -> done; the fast path
+       now answers served_by cloud-1;
+       migrate tiny --source dev-2 --to dev-2                        -> done; calls local
+       again, cloud-1 unloaded; 0 failed calls before, during and after both moves;
+       REST predict on every device still equals v2's reference
+    5. tables: devices, rollouts, migrations, dev-2's calls by phase (p50/p95 before, during
+       each move, on cloud-1, after) and ``fleetctl plan``'s view (``--json``: one JSON
+       summary on stdout, the scene's figures under "migration")
 
 Progress lines go to stderr, each saying what the step proves; tables go to stdout.
 
 Exit codes: 0 every expectation held; 1 one did not (what was expected, what happened, and
 the tail of the logs are printed); 130 interrupted (Ctrl-C or SIGTERM). On every way out,
-every process started here gets SIGTERM (devices, then the controller, then the broker),
-SIGKILL after 10 s, and its whole process group a SIGKILL after that; the directory is
-removed unless ``--keep`` (a ``--dir`` that existed, empty, is emptied rather than removed).
+the load generator is stopped, then every process started here gets SIGTERM (cloud-1 and
+the devices together, then the controller, then the broker), SIGKILL after 10 s, and its
+whole process group a SIGKILL after that; the directory is removed unless ``--keep`` (a
+``--dir`` that existed, empty, is emptied rather than removed).
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -56,11 +69,15 @@ __all__ = ["DemoFailed", "add_cli", "run_demo"]
 T = TypeVar("T")
 
 DEVICES = ("dev-1", "dev-2", "dev-3")
+CLOUD = "cloud-1"  # the cloud node of the migration scene (tier = "cloud")
+SOURCE = "dev-2"  # the device whose calls are migrated (not the v3 canary, whose store saw a rollback)
 MODEL = "tiny"
 CANARY_PCT = 33.0  # one device of three (34% would round up to two: assign_waves takes the ceiling)
 SOAK_S = 1.0  # short soaks: the demo is about the flow, not the wait
 STOP_TIMEOUT_S = 10.0
 CONTROLLER_USER, CONSOLE_USER = "ctl", "console"
+LOAD_CALLS = 20  # fast-path calls seen on a route (local, cloud-1, local again) before moving on
+MIGRATION_TIMEOUT_S = 60.0
 _SOCKET_MAX = 60  # AF_UNIX paths stop at 108 bytes, and the API binds "NAME.PID.THREAD" first
 
 
@@ -122,11 +139,13 @@ def _write_secret(path: Path, text: str) -> Path:
 
 def write_agent_config(path: Path, *, device_id: str, data_dir: Path, broker_url: str, username: str,
                        password_file: Path, trust_root: Path, rest_port: int, socket_path: Path,
-                       telemetry_interval_s: float = 1.0) -> Path:
+                       telemetry_interval_s: float = 1.0, tier: str = "edge") -> Path:
     """An ``edge-runtime run`` TOML (``edge_runtime.agent.config``) with short reconnect
-    delays, for a device on this machine. Returns ``path``."""
+    delays, for a device (``tier = "edge"``) or a cloud node (``"cloud"``) on this machine.
+    Returns ``path``."""
     data: dict[str, Any] = {
         "device_id": device_id,
+        "tier": tier,
         "data_dir": data_dir.absolute(),
         "trust_root": trust_root.absolute(),
         "telemetry_interval_s": telemetry_interval_s,
@@ -204,13 +223,18 @@ class Processes:
             if p.popen is not None and p.popen.poll() is not None:
                 raise DemoFailed(f"{p.name} keeps running", "running", f"exited with {p.popen.returncode}")
 
+    @staticmethod
+    def _tier(name: str) -> str:
+        return "nodes" if name.startswith(("dev-", "cloud-")) else name
+
     def stop_all(self) -> None:
-        """SIGTERM in reverse order of starting, by tier (all devices at once), SIGKILL after
-        ``STOP_TIMEOUT_S``; then SIGKILL to each process group (any grandchild left)."""
+        """SIGTERM in reverse order of starting, by tier (all devices and the cloud node at
+        once), SIGKILL after ``STOP_TIMEOUT_S``; then SIGKILL to each process group (any
+        grandchild left)."""
         tiers: list[list[Proc]] = []
         for p in reversed(self.procs):
-            tier = p.name.split("-")[0]
-            if tiers and tiers[-1][0].name.split("-")[0] == tier:
+            tier = self._tier(p.name)
+            if tiers and self._tier(tiers[-1][0].name) == tier:
                 tiers[-1].append(p)
             else:
                 tiers.append([p])
@@ -267,6 +291,103 @@ def _serving(rest: str) -> Optional[str]:
     return next((v["version"] for v in status.get("model_version_status", []) if v.get("state") == "AVAILABLE"), None)
 
 
+# -- the load generator of the migration scene ------------------------------------------------
+
+
+@dataclass
+class Call:
+    kind: str  # "rest" | "fast"
+    t0: float  # time.monotonic() at the start
+    ms: float
+    ok: bool
+    served_by: Optional[str] = None  # fast path only: "local" or the executor node
+    error: Optional[str] = None
+
+
+@dataclass
+class Load:
+    """Threads calling one device's local API back to back (REST and the fast path), every
+    answer checked against the numpy reference ``ref`` and every call recorded. A routed
+    call gets 10 s (``X-Deadline-Ms`` / ``deadline_ms``) rather than the agent's default."""
+
+    rest_url: str
+    socket: str
+    x: Any
+    ref: Any
+    calls: list[Call] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, kind: str) -> None:
+        t = threading.Thread(target=self._run, args=(kind,), name=f"demo-load-{kind}", daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def _run(self, kind: str) -> None:
+        import numpy as np
+
+        from edge_runtime.api.client import FastPathClient
+
+        body = json.dumps({"instances": self.x.tolist()}).encode()
+        fast = FastPathClient(self.socket, timeout=10)
+        try:
+            while not self.stop.is_set():
+                t0 = time.monotonic()
+                served = error = None
+                try:
+                    if kind == "fast":
+                        reply, out = fast.call({"op": "predict", "model": MODEL, "inputs": ["x"], "deadline_ms": 10000},
+                                               [self.x])
+                        served, got = reply.get("served_by", "local"), out[0]  # absent: not routed
+                    else:
+                        req = urllib.request.Request(f"{self.rest_url}/v1/models/{MODEL}:predict", data=body,
+                                                     headers={"Content-Type": "application/json",
+                                                              "X-Deadline-Ms": "10000"}, method="POST")
+                        with urllib.request.urlopen(req, timeout=30) as resp:
+                            got = json.load(resp)["predictions"]
+                    got = np.asarray(got, np.float32)
+                    ok = got.shape == self.ref.shape and bool(np.allclose(got, self.ref, atol=1e-4, rtol=1e-4))
+                    error = None if ok else "outputs differ from the reference"
+                except urllib.error.HTTPError as exc:
+                    ok, error = False, f"HTTP {exc.code}: {exc.read()[:200]!r}"
+                except Exception as exc:  # noqa: BLE001 - a failed call is what the scene counts
+                    ok, error = False, f"{type(exc).__name__}: {exc}"
+                call = Call(kind, t0, (time.monotonic() - t0) * 1e3, ok, served, error)
+                with self.lock:
+                    self.calls.append(call)
+        finally:
+            fast.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(15)  # calls take milliseconds; the threads are daemons should one hang
+
+    def snapshot(self) -> list[Call]:
+        with self.lock:
+            return list(self.calls)
+
+    def count(self, *, since: float = 0.0, served_by: Optional[str] = None) -> int:
+        return sum(1 for c in self.snapshot() if c.t0 >= since and (served_by is None or c.served_by == served_by))
+
+
+def _pct(calls: list[Call], q: int) -> Optional[float]:
+    """The ``q``-th percentile of the calls' latencies in ms (nearest rank); None: no calls."""
+    if not calls:
+        return None
+    ms = sorted(c.ms for c in calls)
+    return round(ms[min(len(ms) - 1, max(0, -(-q * len(ms) // 100) - 1))], 2)
+
+
+def _p95(calls: list[Call]) -> Optional[float]:
+    return _pct(calls, 95)
+
+
+def _ms(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.1f} ms"
+
+
 # -- the demo ------------------------------------------------------------------------------
 
 
@@ -280,6 +401,11 @@ class Demo:
     predict_ok: dict[str, Optional[bool]] = field(default_factory=dict)
     broker_url: str = ""
     socket_dir: Optional[Path] = None  # short paths for the API sockets when ``root``'s are too long
+    sockets: dict[str, Path] = field(default_factory=dict)  # node -> its fast-path socket
+    passwords: dict[str, Path] = field(default_factory=dict)  # broker user -> its password file
+    migrations: list[dict[str, Any]] = field(default_factory=list)  # the scene's migrations, with their figures
+    scene: Optional[dict[str, Any]] = None  # the migration scene's figures (``--json``: "migration")
+    plan: Optional[dict[str, Any]] = None  # ``fleetctl plan``'s view after the scene
 
     def expect(self, what: str, ok: bool, expected: Any, got: Any) -> None:
         """Record a check; raises DemoFailed when it did not hold."""
@@ -302,14 +428,16 @@ class Demo:
 
         users = UserDB(self.root / "broker" / "users.json")
         secrets = self.root / "secrets"
-        passwords: dict[str, Path] = {}
-        for name, role in [(CONTROLLER_USER, "controller"), (CONSOLE_USER, "console"), *((d, "device") for d in DEVICES)]:
+        passwords = self.passwords
+        for name, role in [(CONTROLLER_USER, "controller"), (CONSOLE_USER, "console"),
+                           *((d, "device") for d in (*DEVICES, CLOUD))]:
             password = generate_password()
             users.add(name, role, password)
             passwords[name] = _write_secret(secrets / f"{name}.pass", password)
         users.save()
         _say(f"broker users: {CONTROLLER_USER} (controller), {CONSOLE_USER} (console), "
-             f"{', '.join(DEVICES)} (device: username = device id, own topics only)")
+             f"{', '.join((*DEVICES, CLOUD))} (device role: username = node id, own topics only; "
+             f"{CLOUD} starts later)")
 
         py = sys.executable
         port = _free_port()
@@ -327,18 +455,7 @@ class Demo:
             "--instance", "demo", "--tick", "0.2", "--username", CONTROLLER_USER,
             "--password-file", str(passwords[CONTROLLER_USER])])
         for d in DEVICES:
-            rest_port = _free_port()
-            dev_dir = self.root / "devices" / d
-            sock = dev_dir / "api.sock"
-            if len(str(sock.absolute())) > _SOCKET_MAX:  # too long once the API adds its temp suffix
-                if self.socket_dir is None:
-                    self.socket_dir = Path(tempfile.mkdtemp(prefix="ef-demo-", dir="/tmp"))
-                sock = self.socket_dir / f"{d}.sock"
-            cfg = write_agent_config(dev_dir / "agent.toml", device_id=d, data_dir=dev_dir / "data",
-                                     broker_url=self.broker_url, username=d, password_file=passwords[d],
-                                     trust_root=keys / "root.json", rest_port=rest_port, socket_path=sock)
-            self.procs.start(d, [py, "-m", "edge_runtime.cli", "run", "--config", str(cfg)], port=rest_port)
-            self.rest[d] = f"http://127.0.0.1:{rest_port}"
+            self.start_node(d)
 
         api = ApiClient(self.broker_url, username=CONSOLE_USER,
                         password=passwords[CONSOLE_USER].read_text(encoding="utf-8").strip(), timeout=10)
@@ -364,6 +481,25 @@ class Demo:
             api.close()
             raise
         return api
+
+    def start_node(self, node: str, tier: str = "edge") -> Proc:
+        """``edge-runtime run`` for ``node`` (own data dir, REST port, socket, password file)."""
+        rest_port = _free_port()
+        node_dir = self.root / "devices" / node
+        sock = node_dir / "api.sock"
+        if len(str(sock.absolute())) > _SOCKET_MAX:  # too long once the API adds its temp suffix
+            if self.socket_dir is None:
+                self.socket_dir = Path(tempfile.mkdtemp(prefix="ef-demo-", dir="/tmp"))
+            sock = self.socket_dir / f"{node}.sock"
+        cfg = write_agent_config(node_dir / "agent.toml", device_id=node, data_dir=node_dir / "data",
+                                 broker_url=self.broker_url, username=node, password_file=self.passwords[node],
+                                 trust_root=self.root / "keys" / "root.json", rest_port=rest_port, socket_path=sock,
+                                 tier=tier)
+        proc = self.procs.start(node, [sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(cfg)],
+                                port=rest_port)
+        self.rest[node] = f"http://127.0.0.1:{rest_port}"
+        self.sockets[node] = sock
+        return proc
 
     def _wait_controller(self, api: Any) -> None:
         from controller.apiclient import ControllerUnavailable
@@ -471,6 +607,183 @@ class Demo:
         self.check_served("2", v2, "after the v3 abort")
         _say(f"REST predict on {', '.join(DEVICES)} still equals v2's reference: the fleet kept serving")
 
+    # -- the migration scene -----------------------------------------------------------
+
+    def migration_scene(self, api: Any) -> None:
+        """A cloud node, load on SOURCE's local API, ``migrate`` there and back; see the
+        module docstring (step 4). The figures land in ``self.scene`` on every way out."""
+        from edge_runtime.modelgen import zoo
+
+        v2 = zoo.tiny_mlp(seed=0, version_bias=0.5)
+        x = v2.sample_inputs(seed=2)["x"]
+        self.start_node(CLOUD, tier="cloud")
+        load = Load(self.rest[SOURCE], str(self.sockets[SOURCE]), x, v2.reference({"x": x})["y"])
+        marks: dict[str, float] = {}
+        try:
+            load.start("rest")  # the load runs while cloud-1 boots: these are the "before" calls
+            load.start("fast")
+            self._wait_cloud(api)
+            _wait(lambda: (self.procs.check_alive(), load.count(served_by="local") >= LOAD_CALLS)[1], 30,
+                  f"fast-path calls on {SOURCE} served locally", expected=f">= {LOAD_CALLS}",
+                  last=lambda: f"{load.count(served_by='local')} local, {len(load.snapshot())} calls in all")
+            self._no_failures(load, "before the migration")
+            before = load.snapshot()
+            _say(f"load on {SOURCE}: {len(before)} calls back to back (REST + fast path), every answer equals v2's "
+                 f"reference, p95 {_ms(_p95(before))}, served locally (the baseline the moves must not break)")
+
+            there = self._migrate(api, CLOUD, marks, "there")
+            _wait(lambda: (self.procs.check_alive(), load.count(since=marks["there_done"], served_by=CLOUD)
+                           >= LOAD_CALLS)[1], 30, f"fast-path calls on {SOURCE} served by {CLOUD}",
+                  expected=f">= {LOAD_CALLS} answers with served_by {CLOUD}",
+                  last=lambda: {k: load.count(since=marks["there_done"], served_by=k) for k in ("local", CLOUD)})
+            marks["back"] = time.monotonic()
+            on_cloud = [c for c in load.snapshot() if marks["there_done"] <= c.t0]
+            n_cloud = sum(1 for c in on_cloud if c.served_by == CLOUD)
+            self.expect(f"fast-path calls on {SOURCE} served by {CLOUD} after migration #{there['id']}",
+                        n_cloud >= LOAD_CALLS, f">= {LOAD_CALLS}", n_cloud)
+            self._no_failures(load, f"while {CLOUD} served")
+            self._during(there, load, marks)
+            _say(f"migration #{there['id']} {MODEL}@{there['version']} for {SOURCE}: {SOURCE} -> {CLOUD} done in "
+                 f"{there['duration_s']:.2f}s, {there['calls_during']} calls during it, 0 failed (make-before-break: "
+                 f"deployed to {CLOUD} and active there before {SOURCE}'s route switched; the local copy stays "
+                 "for fallback)")
+            _say(f"{n_cloud} fast-path calls on {SOURCE} answered served_by {CLOUD}, p95 "
+                 f"{_ms(_p95(on_cloud))}: the app calls the same local API, the runtime forwards to the cloud node")
+
+            back = self._migrate(api, SOURCE, marks, "back")
+            _wait(lambda: (self.procs.check_alive(), load.count(since=marks["back_done"], served_by="local")
+                           >= LOAD_CALLS)[1], 30, f"fast-path calls on {SOURCE} local again",
+                  expected=f">= {LOAD_CALLS} local answers",
+                  last=lambda: {k: load.count(since=marks["back_done"], served_by=k) for k in ("local", CLOUD)})
+            n_local = load.count(since=marks["back_done"], served_by="local")
+            self.expect(f"fast-path calls on {SOURCE} local again after migration #{back['id']}",
+                        n_local >= LOAD_CALLS and load.count(since=marks["back_done"], served_by=CLOUD) == 0,
+                        f">= {LOAD_CALLS} local, 0 by {CLOUD}",
+                        {k: load.count(since=marks["back_done"], served_by=k) for k in ("local", CLOUD)})
+            _wait(lambda: not self._assignments(api, CLOUD), 15, f"{CLOUD} unloads {MODEL}",
+                  expected=f"no assignment on {CLOUD}", last=lambda: self._assignments(api, CLOUD))
+            left = self._assignments(api, CLOUD)
+            self.expect(f"{CLOUD} holds no assignment after the move back", not left, [], left)
+            self._no_failures(load, "after the move back")
+            self._during(back, load, marks)
+            _say(f"migration #{back['id']} {MODEL}@{back['version']} for {SOURCE}: {CLOUD} -> {SOURCE} done in "
+                 f"{back['duration_s']:.2f}s, {back['calls_during']} calls during it, 0 failed; calls local again, "
+                 f"{CLOUD} unloaded {MODEL} (nothing else routes to it)")
+        finally:
+            load.close()
+            for m in self.migrations:
+                self._during(m, load, marks)
+            self.scene = self._scene_figures(load, marks)
+        fig = self.scene
+        self.expect("calls during each migration", all(m["calls_during"] > 0 for m in self.migrations),
+                    "> 0 during each", [m["calls_during"] for m in self.migrations])
+        self.expect(f"no failed call on {SOURCE} before, during or after both migrations", fig["failed_calls"] == 0,
+                    0, f"{fig['failed_calls']}: {fig['failures_sample']}")
+        p = fig["p95_ms"]
+        _say(f"{fig['calls']} calls on {SOURCE} ({fig['by_kind']['rest']} REST, {fig['by_kind']['fast']} fast path), "
+             f"0 failed; p95 before {_ms(p['before'])}, during the moves {_ms(p['during'])}, on {CLOUD} "
+             f"{_ms(p['on_cloud'])}, after {_ms(p['after'])}: live migration there and back lost no call")
+        self.check_served("2", v2, "after the migrations")
+        _say(f"REST predict on {', '.join(DEVICES)} equals v2's reference after the migrations: {SOURCE} local again, "
+             "the others never touched")
+        try:
+            self.plan = api.call("plan")
+        except Exception as exc:  # noqa: BLE001 - the planner's view is shown, not checked
+            self.plan = {"error": f"{type(exc).__name__}: {exc}"}
+
+    def _wait_cloud(self, api: Any) -> None:
+        _wait(lambda: (self.procs.check_alive(), _rest_ok(f"{self.rest[CLOUD]}/healthz"))[1], 60,
+              f"{CLOUD} serves its REST API", expected=f"{self.rest[CLOUD]}/healthz answering",
+              last=self.procs.get(CLOUD).log_tail)
+
+        def online() -> Optional[dict[str, Any]]:
+            self.procs.check_alive()
+            return next((r for r in api.call("devices.list") if r["id"] == CLOUD and r.get("online")), None)
+
+        row = _wait(online, 30, f"{CLOUD} online at the controller", expected="online",
+                    last=lambda: next((r for r in api.call("devices.list") if r["id"] == CLOUD), "not registered"))
+        self.expect(f"{CLOUD}'s tier", row.get("tier") == "cloud", "cloud", row.get("tier"))
+        _say(f"{CLOUD} online, tier cloud (the same edge-runtime with tier = \"cloud\" and its own broker user)")
+
+    @staticmethod
+    def _assignments(api: Any, node: str) -> list[Any]:
+        return [(a.get("model"), a.get("route")) for a in api.call("devices.show", id=node).get("assignments") or []]
+
+    def _migrate(self, api: Any, to: str, marks: dict[str, float], leg: str) -> dict[str, Any]:
+        """``fleetctl migrate MODEL --source SOURCE --to TO`` and wait for a final state; the
+        console's view of it, with ``duration_s`` (created -> finished at the controller)."""
+        from controller.migration import FINAL_STATES
+
+        marks[leg] = time.monotonic()
+        row = api.call("migrate", model=MODEL, source=SOURCE, to=to, reason="fleetctl demo")
+        mid = row["id"]
+        entry: dict[str, Any] = {"id": mid, "model": MODEL, "version": row.get("version"), "source": SOURCE,
+                                 "from_node": row.get("from_node"), "to_node": to, "state": row.get("state"),
+                                 "leg": leg}
+        self.migrations.append(entry)
+
+        def final() -> Optional[dict[str, Any]]:
+            self.procs.check_alive()
+            r = api.call("migrations.show", id=mid)
+            entry["state"] = r["state"]
+            return r if r["state"] in FINAL_STATES else None
+
+        row = _wait(final, MIGRATION_TIMEOUT_S, f"migration #{mid} ({MODEL} for {SOURCE} -> {to}) finishes",
+                    expected="done", last=lambda: (lambda r: f"{r['state']} ({r.get('failure') or '-'})")(
+                        api.call("migrations.show", id=mid)))
+        marks[f"{leg}_done"] = time.monotonic()
+        entry.update({k: row.get(k) for k in ("version", "from_node", "to_node", "state", "failure", "detail",
+                                              "target_had", "created_at", "finished_at")})
+        entry["duration_s"] = round(row["finished_at"] - row["created_at"], 3) if row.get("finished_at") else None
+        self.expect(f"migration #{mid} of {MODEL} for {SOURCE} to {to}",
+                    row["state"] == "done" and row.get("failure") is None, "done",
+                    f"{row['state']} ({row.get('failure') or '-'}: {row.get('detail') or '-'})")
+        return entry
+
+    @staticmethod
+    def _during(entry: dict[str, Any], load: Load, marks: Mapping[str, float]) -> None:
+        """The calls started while the migration ran (from ``migrate`` until the console saw it final)."""
+        a, b = marks.get(entry["leg"], float("inf")), marks.get(f"{entry['leg']}_done", float("inf"))
+        during = [c for c in load.snapshot() if a <= c.t0 < b]
+        entry.update({"calls_during": len(during), "failed_during": sum(1 for c in during if not c.ok),
+                      "p95_during_ms": _p95(during)})
+
+    def _no_failures(self, load: Load, when: str) -> None:
+        failed = [c for c in load.snapshot() if not c.ok]
+        self.expect(f"no failed call on {SOURCE} {when}", not failed, 0,
+                    f"{len(failed)}: {sorted({c.error or '' for c in failed})[:3]}")
+
+    @staticmethod
+    def _scene_figures(load: Load, marks: Mapping[str, float]) -> dict[str, Any]:
+        """Calls by phase (before / during there / on cloud-1 / during back / after)."""
+        calls = load.snapshot()
+        inf = float("inf")
+        there, there_done = marks.get("there", inf), marks.get("there_done", inf)
+        back, back_done = marks.get("back", inf), marks.get("back_done", inf)
+        bounds = [("before", -inf, there), ("moving there", there, there_done), (f"on {CLOUD}", there_done, back),
+                  ("moving back", back, back_done), ("after", back_done, inf)]
+        phases = []
+        for name, a, b in bounds:
+            cs = [c for c in calls if a <= c.t0 < b]
+            if not cs and a == inf:
+                continue
+            phases.append({"phase": name, "calls": len(cs), "failed": sum(1 for c in cs if not c.ok),
+                           "fast_path": {k: sum(1 for c in cs if c.served_by == k) for k in ("local", CLOUD)},
+                           "p50_ms": _pct(cs, 50), "p95_ms": _p95(cs)})
+        during = [c for c in calls if there <= c.t0 < there_done or back <= c.t0 < back_done]
+        failed = [c for c in calls if not c.ok]
+        return {
+            "source": SOURCE, "cloud": CLOUD, "model": MODEL,
+            "calls": len(calls), "failed_calls": len(failed),
+            "failures_sample": sorted({c.error or "" for c in failed})[:5],
+            "by_kind": {k: sum(1 for c in calls if c.kind == k) for k in ("rest", "fast")},
+            "served_by": {k: sum(1 for c in calls if c.served_by == k) for k in ("local", CLOUD)},
+            "p95_ms": {"before": _p95([c for c in calls if c.t0 < there]), "during": _p95(during),
+                       "on_cloud": _p95([c for c in calls if there_done <= c.t0 < back]),
+                       "after": _p95([c for c in calls if c.t0 >= back_done])},
+            "phases": phases,
+        }
+
     @staticmethod
     def _canary(r: Mapping[str, Any]) -> str:
         return ", ".join(s["device_id"] for s in r.get("steps", []) if s["wave"] == 0) or "-"
@@ -528,6 +841,29 @@ def _device_table(rows: list[dict[str, Any]]) -> Any:
         for r in rows])
 
 
+def _migrations_table(rows: list[dict[str, Any]]) -> Any:
+    from controller.console import _state, _table, fmt
+
+    return _table("migrations", ["id", "model", "workload (source: from -> to)", "state", "took", "calls during",
+                                 "failed", "p95 during"], [
+        [str(r["id"]), f"{r['model']}@{r.get('version') or '-'}",
+         f"{r['source']}: {r.get('from_node')} -> {r['to_node']}",
+         _state(r.get("state")) + (f" ({r['failure']})" if r.get("failure") else ""),
+         f"{r['duration_s']:.2f} s" if isinstance(r.get("duration_s"), (int, float)) else "-",
+         fmt(r.get("calls_during")), fmt(r.get("failed_during")), _ms(r.get("p95_during_ms"))]
+        for r in rows])
+
+
+def _calls_table(scene: Mapping[str, Any]) -> Any:
+    from controller.console import _table
+
+    return _table(f"calls on {scene['source']} (REST + fast path, each checked against v2's reference)",
+                  ["phase", "calls", "failed", f"fast path: local / {scene['cloud']}", "p50", "p95"], [
+        [p["phase"], str(p["calls"]), str(p["failed"]), f"{p['fast_path']['local']} / {p['fast_path'][scene['cloud']]}",
+         _ms(p["p50_ms"]), _ms(p["p95_ms"])]
+        for p in scene["phases"]])
+
+
 def _prepare_dir(path: Optional[Path]) -> tuple[Path, bool]:
     """(root, created): a fresh temp dir, or ``path`` if it is missing or empty.
 
@@ -574,12 +910,14 @@ def run_demo(*, directory: Optional[Path] = None, keep: bool = False, as_json: b
     code = 0
     devices: list[dict[str, Any]] = []
     rollouts: list[dict[str, Any]] = []
-    _say(f"fleetctl demo in {root}: broker, controller and {len(DEVICES)} devices as real processes")
+    _say(f"fleetctl demo in {root}: broker, controller, {len(DEVICES)} devices and (later) a cloud node as real "
+         "processes")
     try:
         api = None
         try:
             api = demo.setup()
             demo.story(api)
+            demo.migration_scene(api)
         except DemoFailed as exc:
             failure, code = exc, 1
         except (KeyboardInterrupt, _Interrupted):
@@ -603,8 +941,9 @@ def run_demo(*, directory: Optional[Path] = None, keep: bool = False, as_json: b
         error, code = "interrupted", 130
     finally:
         try:
-            _say("stopping devices, controller, broker (SIGTERM; SIGKILL after "
-                 f"{STOP_TIMEOUT_S:g}s)" if procs.procs else "nothing to stop")
+            cloud = "the cloud node and " if any(p.name == CLOUD for p in procs.procs) else ""
+            _say(f"stopping {cloud}devices, controller, broker (SIGTERM; SIGKILL after {STOP_TIMEOUT_S:g}s)"
+                 if procs.procs else "nothing to stop")
             procs.stop_all()
         finally:
             signal.signal(signal.SIGTERM, old_term)
@@ -620,7 +959,9 @@ def run_demo(*, directory: Optional[Path] = None, keep: bool = False, as_json: b
     summary = {
         "ok": code == 0, "elapsed_s": round(time.monotonic() - _started, 1), "dir": str(root), "kept": keep,
         "socket_dir": None if demo.socket_dir is None else str(demo.socket_dir),
-        "broker": demo.broker_url, "devices": devices, "rollouts": rollouts, "checks": demo.checks,
+        "broker": demo.broker_url, "devices": devices, "rollouts": rollouts,
+        "migration": None if demo.scene is None else {**demo.scene, "migrations": demo.migrations},
+        "plan": demo.plan, "checks": demo.checks,
         "processes": [{"name": p.name, "pid": p.popen.pid if p.popen else None, "port": p.port, "exit_code": p.exit_code}
                       for p in procs.procs],
         "failure": None if failure is None and error is None else (
@@ -631,9 +972,18 @@ def run_demo(*, directory: Optional[Path] = None, keep: bool = False, as_json: b
 
         emit_json(summary)
     elif devices or rollouts:
-        from controller.console import _print, rollouts_table
+        from controller.console import _print, plan_detail, rollouts_table
 
-        _print([_device_table(devices), rollouts_table(rollouts)])
+        tables = [_device_table(devices), rollouts_table(rollouts)]
+        if demo.migrations:
+            tables.append(_migrations_table(demo.migrations))
+        if demo.scene is not None:
+            tables.append(_calls_table(demo.scene))
+        if demo.plan is not None:
+            head = "[italic]fleetctl plan[/] (the placement planner's view of the fleet now; not applied)"
+            tables += [head, *plan_detail(demo.plan)] if "error" not in demo.plan else \
+                [f"{head}: unavailable ({demo.plan['error']})"]
+        _print(tables)
     if code == 0:
         _say(f"all {len(demo.checks)} expectations held in {summary['elapsed_s']}s")
     return code
@@ -648,7 +998,7 @@ def _report_failure(failure: Optional[DemoFailed], error: Optional[str], procs: 
     else:
         print(f"\nfleetctl demo: FAILED: {error}", file=out)
     for p in procs.procs:
-        if p.name in ("controller",) or p.name.startswith("dev-") or not p.alive:
+        if p.name in ("controller",) or p.name.startswith(("dev-", "cloud-")) or not p.alive:
             print(f"  last lines of {p.name} ({p.log.name}):\n{p.log_tail()}", file=out)
     if not keep:
         print(f"  (run with --keep to keep {root} and every log)", file=out)
@@ -661,11 +1011,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_cli(sub: Any, models: Any) -> None:
     """Register this part's ``fleetctl`` subcommands."""
-    p = sub.add_parser("demo", help="the whole stack on one machine: broker, controller, 3 devices, 3 rollouts",
+    p = sub.add_parser("demo", help="the whole stack on one machine: broker, controller, 3 devices, 3 rollouts, "
+                                    "a live migration to a cloud node and back",
                        description="Broker, controller and three device runtimes as real processes; pushes and "
                                    "rolls out two versions with a canary, then a broken one that is aborted and "
-                                   "reverted; REST inference on every device; a summary. Exit 0 when every "
-                                   "expectation held.")
+                                   "reverted; REST inference on every device; then a cloud node, and a device's "
+                                   "calls migrated there and back under load without a failed call; a summary. "
+                                   "Exit 0 when every expectation held.")
     p.add_argument("--dir", type=Path, metavar="DIR", help="work here (a new or empty directory) instead of a temp dir")
     p.add_argument("--keep", action="store_true", help="keep the directory (keys, databases, logs) afterwards")
     p.add_argument("--json", action="store_true", help="print one JSON summary on stdout (progress stays on stderr)")
