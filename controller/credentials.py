@@ -486,6 +486,9 @@ def mosquitto_acl(userdb: UserDB, *, tls: bool = False) -> str:
 MOSQUITTO_TUNING = (
     "max_inflight_messages 1000",
     "max_queued_messages 200000",
+    # Nagle + delayed ACK: a QoS 1 PUBACK then a PUBLISH on one socket stalls ~40 ms per hop;
+    # remote inference is request/reply, so every forwarded call paid it twice
+    "set_tcp_nodelay true",
 )
 
 

@@ -114,6 +114,14 @@ _QUANTILE_TAIL = 0.05  # p95
 _CANDIDATES_PER_MODEL = 3
 _CANDIDATES_PER_TIER = 3
 _MAX_HEAP_SCAN = 24
+
+# Lowering the peak: the level is searched to this fraction of the peak (a small fleet can
+# afford a finer search), and a small fleet tries every node and these placement rules.
+_LEVEL_TOL_SMALL = 0.002
+_LEVEL_TOL_LARGE = 0.02
+_RULES = ("least_utilised", "most_utilised", "cheapest")
+_Q_IDLE = -math.log(0.05)  # q95 of an idle queue: one exponential service time
+_ALL_CANDIDATES_UP_TO = 64  # nodes: a fleet this small tries every node when lowering the peak
 _EPS = 1e-9  # the heuristic's own checks keep this relative slack, so float drift in its
 # incremental loads never turns into a violation or an overrun when evaluate recomputes them
 
@@ -173,7 +181,9 @@ def _default_rtt() -> Mapping[tuple[str, str], float]:
 @dataclass(frozen=True)
 class Policy:
     utilisation_target: float = 0.7
-    min_gain_ms: float = 5.0  # a latency-only move must cut the workload's p95 by this much
+    # a latency-only move (reason "latency_gain") must cut the workload's p95 by this much;
+    # None: never move for latency alone (latency is not in the objective; SLOs are)
+    min_gain_ms: Optional[float] = None
     cooldown_s: float = 600.0  # per workload, after a move
     move_cost_ms: float = 2.0  # added to a moved workload's p95 when choosing; fewest moves as last tie-break
     # (tier of source, tier of node) -> round trip when not measured; the same node is always 0
@@ -181,7 +191,7 @@ class Policy:
     max_moves: Optional[int] = None
     # a move for the peak alone (reason "peak_utilisation") must lower the busiest node's
     # utilisation by at least this much; None: never move for the peak alone
-    peak_gain: Optional[float] = None
+    peak_gain: Optional[float] = 0.02
 
 
 @dataclass(frozen=True)
@@ -381,7 +391,7 @@ def check_snapshot(snapshot: Snapshot) -> None:
 def _check_policy(policy: Policy) -> None:
     if not 0 < policy.utilisation_target <= 1:
         raise ValueError(f"utilisation_target: must be in (0, 1], got {policy.utilisation_target!r}")
-    if policy.min_gain_ms < 0 or policy.cooldown_s < 0 or policy.move_cost_ms < 0:
+    if (policy.min_gain_ms is not None and policy.min_gain_ms < 0) or policy.cooldown_s < 0 or policy.move_cost_ms < 0:
         raise ValueError("min_gain_ms, cooldown_s and move_cost_ms must be >= 0")
     if policy.peak_gain is not None and not policy.peak_gain > 0:
         raise ValueError(f"peak_gain: must be > 0 or None, got {policy.peak_gain!r}")
@@ -549,7 +559,7 @@ class _State:
         self.nodes = {n.id: n for n in snapshot.nodes}
         self.tiers = {n.id: n.tier for n in snapshot.nodes}
         self.target = policy.utilisation_target
-        self.min_gain = max(policy.min_gain_ms, policy.move_cost_ms, 1e-6)
+        self.min_gain = None if policy.min_gain_ms is None else max(policy.min_gain_ms, policy.move_cost_ms, 1e-6)
         self.svc_measured = snapshot.service_ms
         self.models = snapshot.models
         self.work = {w.key: w for w in snapshot.workloads}
@@ -681,7 +691,7 @@ class _State:
                 p = self.p95(key)
                 if p > w.slo_ms:
                     viol.append((-(p - w.slo_ms), -w.rate * self.svc(node, w.model), key))
-                if _may_gain(self, key, self.min_gain):
+                if self.min_gain is not None and _may_gain(self, key, self.min_gain):
                     gain.append(key)
             v = self._scan[node] = (viol, gain)
         return v
@@ -716,9 +726,11 @@ class _State:
         self._touch(frm)
         self._touch(to)
 
-    def candidates(self, key: Key) -> list[str]:
+    def candidates(self, key: Key, wide: bool = False) -> list[str]:
         w = self.work[key]
         cur = self.exec[key]
+        if wide and len(self.nodes) <= _ALL_CANDIDATES_UP_TO:
+            return [n for n in self.nodes if n != cur and self.nodes[n].online]
         out: list[str] = []
         seen = {cur}
 
@@ -743,9 +755,23 @@ class _State:
                 add(n)
         return out
 
-    def try_at(self, key: Key, to: str, limit: float = math.inf) -> Optional[tuple[float, float]]:
+    def util_with(self, key: Key, to: str, leaving: float = 0.0) -> Optional[float]:
+        """``to``'s utilisation with the workload added (``leaving`` load taken off), or None
+        when it is offline or lacks the memory."""
+        w = self.work[key]
+        n = self.nodes[to]
+        if not n.online or (
+            w.model not in self.model_count.get(to, ())
+            and self.mem[to] + self.models[w.model].memory_bytes > n.memory_bytes
+        ):
+            return None
+        return (self.load[to] - leaving + w.rate * self.svc(to, w.model) / 1000.0) / n.cores
+
+    def try_at(
+        self, key: Key, to: str, limit: float = math.inf, cap: Optional[float] = None, leaving: float = 0.0
+    ) -> Optional[tuple[float, float]]:
         """(utilisation after, p95 after) if ``to`` may take the workload with a p95 of at
-        most ``limit``, else None."""
+        most ``limit`` and its utilisation stays within ``cap`` (default: the target), else None."""
         w = self.work[key]
         n = self.nodes[to]
         if not n.online:
@@ -755,8 +781,8 @@ class _State:
         ):
             return None
         s = self.svc(to, w.model)
-        u_after = (self.load[to] + w.rate * s / 1000.0) / n.cores
-        if u_after > self.target * (1 - _EPS):
+        u_after = (self.load[to] - leaving + w.rate * s / 1000.0) / n.cores
+        if u_after > (self.target if cap is None else min(cap, self.target)) * (1 - _EPS):
             return None
         r = self.rtt(w.source, to)
         if r + s * self.q(to) > limit:  # its p95 there is at least this, before it adds load
@@ -780,8 +806,8 @@ def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
     moves: list[Move] = []
     frozen: set[Key] = set()  # moved in this plan
     budget = policy.max_moves if policy.max_moves is not None else math.inf
-    # a latency-only move must beat min_gain and its own cost, and gain something
-    min_gain = max(policy.min_gain_ms, policy.move_cost_ms, 1e-6)
+    # a latency-only move must beat min_gain and its own cost, and gain something (None: off)
+    min_gain = st.min_gain
 
     def cooling(key: Key) -> bool:
         t = snapshot.last_moved.get(key)
@@ -844,6 +870,7 @@ def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
         moves.append(Move(w.model, w.source, frm, to, reason, p_before, p_after))
         return True
 
+    peak_done = False
     while True:  # to a fixpoint; ends, as a workload moves at most once per plan
         n_before = st.moves_made
         # 1. offline executors
@@ -868,14 +895,18 @@ def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
                 if st.util(node) <= st.target + 1e-12:
                     break
                 best(key, "over_utilisation")
-        # 4. shave the peak: load off the busiest node while that lowers it by peak_gain
+        # 4. lower the peak: the lowest level every node can be brought to, then single moves
+        if policy.peak_gain is not None and not peak_done:
+            peak_done = True
+            while _lower_peak(st, policy, movable, frozen, moves, budget):
+                pass  # again from where it got to: a greedy level search is not monotone
         if policy.peak_gain is not None:
             cap = 4 * len(st.work) + 16  # a backstop: each shave lowers the sorted loads
             while cap > 0 and _shave(st, policy, movable, frozen, moves, budget):
                 cap -= 1
         # 5. latency gains that do not raise the peak
         for key in sorted(k for n in st.nodes for k in st.scan(n)[1]):
-            if movable(key) and _may_gain(st, key, min_gain):
+            if min_gain is not None and movable(key) and _may_gain(st, key, min_gain):
                 best(key, "latency_gain")
         if st.moves_made == n_before:
             break
@@ -906,6 +937,338 @@ def _may_gain(st: _State, key: Key, min_gain: float) -> bool:
         floor += st.min_rtt  # staying home is the only way to pay no round trip
     return p - floor >= min_gain
 
+
+
+def _record(st: _State, moves: list, frozen: set, key: Key, frm: str, to: str, reason: str, p_before: float) -> None:
+    """Add the move of ``key`` (already made) to ``moves``, or rewrite the Move of a workload
+    this plan moved before (from its original executor; back there drops it)."""
+    w = st.work[key]
+    p_after = st.p95(key)
+    if key in frozen:
+        i = next(i for i, m in enumerate(moves) if (m.model, m.source) == key)
+        first = moves[i]
+        if first.from_node == to:
+            del moves[i]
+            frozen.discard(key)
+        else:
+            moves[i] = dataclasses.replace(first, to_node=to, p95_after_ms=p_after)
+    else:
+        frozen.add(key)
+        moves.append(Move(w.model, w.source, frm, to, reason, p_before, p_after))
+
+
+def _repack(st: _State, level: float, may_move, p_first: dict[Key, float]) -> Optional[list[tuple[Key, str, str]]]:
+    """Bring every online node to utilisation ``level`` or below: from each node above it, the
+    fewest movable workloads (the smallest one that suffices, else the largest, repeated)
+    are taken off, then placed largest first on the candidate left least utilised, none
+    above ``level``, none gaining an SLO violation. Returns the moves made ((key, from,
+    to), in order), or None with the state unchanged when some workload finds no place.
+    ``p_first`` gets the p95 of each workload before its first move."""
+    evicted: list[tuple[float, Key]] = []
+    leaving: dict[str, float] = defaultdict(float)  # load still on a node but taken off it
+    for nid, n in st.nodes.items():
+        if not n.online or st.load[nid] <= level * n.cores * (1 + _EPS):
+            continue
+        excess = st.load[nid] - level * n.cores
+        pool = sorted(
+            (st.work[k].rate * st.svc(nid, st.work[k].model) / 1000.0, k) for k in st.members[nid] if may_move(k)
+        )
+        while excess > 1e-12:
+            if not pool:
+                return None
+            i = next((i for i, (ld, _) in enumerate(pool) if ld >= excess), len(pool) - 1)
+            ld, k = pool.pop(i)
+            evicted.append((ld, k))
+            leaving[nid] += ld
+            excess -= ld
+    evicted.sort(key=lambda e: (-e[0], e[1]))
+    done: list[tuple[Key, str, str]] = []
+    for _, key in evicted:
+        w = st.work[key]
+        frm = st.exec[key]
+        if key not in p_first:
+            p_first[key] = st.p95(key)
+        limit = math.inf if st.violates(key) else w.slo_ms * (1 - _EPS)
+        # the least utilised afterwards that keeps every SLO: the cheap part ranks, and the
+        # queueing check runs only down the ranking until one passes
+        ranked = []
+        for cand in st.candidates(key, wide=True):
+            u = st.util_with(key, cand, leaving.get(cand, 0.0))
+            if u is not None and u <= level * (1 - _EPS):
+                ranked.append((u, cand))
+        ranked.sort()
+        to = next(
+            (c for _, c in ranked if st.try_at(key, c, limit, cap=level, leaving=leaving.get(c, 0.0)) is not None),
+            None,
+        )
+        if to is None:
+            for k, a, _ in reversed(done):
+                st.move(k, a)
+            return None
+        st.move(key, to)
+        leaving[frm] -= w.rate * st.svc(frm, w.model) / 1000.0
+        done.append((key, frm, to))
+    return done
+
+
+def _repack_all(
+    st: _State, level: float, may_move, p_first: dict[Key, float]
+) -> Optional[list[tuple[Key, str, str]]]:
+    """Like ``_repack``, but every movable workload is placed again (small fleets: it tries
+    every node and moves more): on its executor if that still has room under ``level``, else
+    by a rule (``_place``). Two orders — the most constrained first (fewest nodes where it
+    keeps its SLO at ``level``), then largest first (LPT) — under each of ``_RULES``; the
+    first that places every workload is carried out."""
+    base_load: dict[str, float] = dict.fromkeys(st.nodes, 0.0)
+    base_loaded: dict[str, set[str]] = {n: set() for n in st.nodes}
+    todo: list[Key] = []
+    for k, w in st.work.items():
+        ex = st.exec[k]
+        if k in st.active and may_move(k):
+            todo.append(k)
+            continue
+        if k in st.active:
+            base_load[ex] += w.rate * st.svc(ex, w.model) / 1000.0
+        base_loaded[ex].add(w.model)
+    online = [n for n, x in st.nodes.items() if x.online]
+    cap = min(level, st.target) * (1 - _EPS)
+    if any(base_load[n] > cap * st.nodes[n].cores for n in online):
+        return None  # what may not move keeps some node above the level
+    q_at = {n: queue_p95_factor(min(level, st.target), st.nodes[n].cores) for n in online}
+    # where each may go at all (alone there: within the level and its SLO), and how many of
+    # those keep its SLO with the node at the level (the order's measure of constraint)
+    allowed: dict[Key, list[tuple[str, float, float]]] = {}  # (node, load, SLO bound in q95 units)
+    tight: dict[Key, int] = {}
+    for k in todo:
+        w = st.work[k]
+        viol = st.violates(k)
+        opts = []
+        roomy = 0
+        for n in online:
+            sv = st.svc(n, w.model)
+            ld = w.rate * sv / 1000.0
+            if ld / st.nodes[n].cores > cap:
+                continue
+            bound = math.inf if viol else (w.slo_ms - st.rtt(w.source, n)) / sv * (1 - _EPS)
+            if bound < _Q_IDLE:
+                continue
+            opts.append((n, ld, bound))
+            roomy += q_at[n] <= bound
+        if not opts:
+            return None
+        allowed[k] = opts
+        tight[k] = roomy
+    orders = (
+        sorted(todo, key=lambda k: (tight[k], -max(o[1] for o in allowed[k]), k)),
+        sorted(todo, key=lambda k: (-max(o[1] for o in allowed[k]), k)),
+    )
+    placed = next(
+        (got for rule in _RULES for order in orders
+         if (got := _place(st, order, allowed, base_load, base_loaded, cap, rule)) is not None),
+        None,
+    )
+    if placed is None:
+        return None
+    done = []
+    for key, n in placed.items():
+        if n != st.exec[key]:
+            p_first.setdefault(key, st.p95(key))
+            done.append((key, st.exec[key], n))
+            st.move(key, n)
+    return done
+
+
+def _place(
+    st: _State,
+    order: list[Key],
+    allowed: Mapping[Key, list[tuple[str, float, float]]],
+    base_load: Mapping[str, float],
+    base_loaded: Mapping[str, set[str]],
+    cap: float,
+    rule: str,
+) -> Optional[dict[Key, str]]:
+    """Place ``order`` one by one (executor for each, or None if one finds no place): its own
+    executor when that has room, else the allowed node ``rule`` picks — "least_utilised"
+    after it (spread), "most_utilised" (pack), "cheapest" (least share of the node's cores,
+    i.e. where it runs fastest relative to the node's size). Every node stays within ``cap``
+    and memory; the workload placed and those already on the node stay within their SLOs
+    (checked at each placement: a node's utilisation only grows)."""
+    load = dict(base_load)
+    loaded = {n: set(m) for n, m in base_loaded.items()}
+    mem = {n: sum(st.models[m].memory_bytes for m in ms) for n, ms in loaded.items()}
+    moving = set(order)
+    # the tightest SLO bound (q95 units) of what stays on each node
+    bound = {n: _bound_of_fixed(st, n, moving) for n in st.nodes}
+    placed: dict[Key, str] = {}
+    for key in order:
+        w = st.work[key]
+        mbytes = st.models[w.model].memory_bytes
+        best = None
+        for n, ld, b in allowed[key]:
+            node = st.nodes[n]
+            if w.model not in loaded[n] and mem[n] + mbytes > node.memory_bytes:
+                continue
+            u = (load[n] + ld) / node.cores
+            if u > cap:
+                continue
+            if rule == "least_utilised":
+                sc: tuple = (n != st.exec[key], u, n)
+            elif rule == "most_utilised":
+                sc = (n != st.exec[key], -u, n)
+            else:
+                sc = (n != st.exec[key], ld / node.cores, u, n)
+            if best is not None and sc >= best[0]:
+                continue
+            if queue_p95_factor(u, node.cores) > min(b, bound[n]):
+                continue
+            best = (sc, n, ld, b)
+        if best is None:
+            return None
+        _, n, ld, b = best
+        load[n] += ld
+        bound[n] = min(bound[n], b)
+        if w.model not in loaded[n]:
+            loaded[n].add(w.model)
+            mem[n] += mbytes
+        placed[key] = n
+    return placed
+
+
+def _bound_of_fixed(st: _State, node: str, moving: set) -> float:
+    """``_State.margin`` over the workloads on ``node`` that are not being placed again
+    (inf when none)."""
+    cur = st.q(node)
+    v = math.inf
+    for k in st.members[node]:
+        if k in moving:
+            continue
+        w = st.work[k]
+        s = st.svc(node, w.model)
+        r = st.rtt(w.source, node)
+        if r + s * cur <= w.slo_ms:
+            v = min(v, (w.slo_ms - r) / s)
+    return v
+
+
+def _lower_peak(st: _State, policy: Policy, movable, frozen: set, moves: list, budget: float) -> bool:
+    """Step 4: the lowest utilisation level every online node can be brought to, found by
+    bisection (to ``_LEVEL_TOL_*`` of the peak) from ``peak - peak_gain`` down, each level
+    tried by ``_repack`` (and in a small fleet ``_repack_all``, then ``_polish``). Nothing
+    moves unless the peak drops by at least ``peak_gain`` within the move budget. The Moves
+    read from each workload's executor before this step to its executor after it."""
+    peak = st.peak()
+    if peak <= 0:
+        return False
+
+    def may_move(k: Key) -> bool:
+        return k in frozen or movable(k)
+
+    p_before: dict[Key, float] = {}
+    small = len(st.nodes) <= _ALL_CANDIDATES_UP_TO
+    tol = (_LEVEL_TOL_SMALL if small else _LEVEL_TOL_LARGE) * peak
+
+    def attempt(level: float) -> Optional[list[tuple[Key, str, str]]]:
+        made = _repack(st, level, may_move, p_before)
+        if made is None and small:
+            made = _repack_all(st, level, may_move, p_before)
+        if made is not None and len(moves) + len({k for k, _, _ in best + made if k not in frozen}) > budget:
+            for k, a, _ in reversed(made):
+                st.move(k, a)
+            return None
+        return made
+
+    # The first level is the least worth moving for. In a large fleet each level reached is
+    # kept and the next, lower one starts from it (a workload may move on: cheaper than
+    # starting over); a small one starts every level from the same state and keeps the lowest.
+    best: list[tuple[Key, str, str]] = []
+    hi = peak - policy.peak_gain
+    if hi <= 0 or (made := attempt(hi)) is None:
+        return False
+    best += made
+    lo = 0.0
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if small:
+            for k, a, _ in reversed(best):
+                st.move(k, a)
+        made = attempt(mid)
+        if made is None:
+            lo = mid
+            if small:
+                for k, _, to in best:  # back to the lowest level found, as found
+                    st.move(k, to)
+        else:
+            hi = mid
+            best = made if small else best + made
+    if small:
+        extra = _polish(
+            st, may_move, lambda n: len(moves) + len({k for k, _, _ in best if k not in frozen} | n) <= budget, p_before
+        )
+        best = best + extra
+    first: dict[Key, str] = {}
+    for key, frm, _ in best:
+        first.setdefault(key, frm)
+    for key, frm in first.items():
+        _record(st, moves, frozen, key, frm, st.exec[key], "peak_utilisation", p_before[key])
+    return st.peak() < peak - policy.peak_gain / 2  # it got lower: worth another search
+
+
+def _fits(st: _State, nodes: tuple[str, ...], protect: set) -> bool:
+    """Every node in ``nodes`` within memory and the utilisation target, and every workload on
+    them in ``protect`` (those meeting their SLO before) within its SLO."""
+    for n in nodes:
+        node = st.nodes[n]
+        if st.mem[n] > node.memory_bytes or st.util(n) > st.target * (1 - _EPS):
+            return False
+        for k in st.members[n]:
+            if k in protect and st.p95(k) > st.work[k].slo_ms * (1 - _EPS):
+                return False
+    return True
+
+
+def _polish(st: _State, may_move, within_budget, p_first: dict[Key, float]) -> list[tuple[Key, str, str]]:
+    """Local search on the busiest node (small fleets): the single move, else the swap of two
+    workloads, that lowers the higher utilisation of the nodes involved furthest below the
+    peak (by at least 0.1% of it), without a new SLO violation; until none does."""
+    done: list[tuple[Key, str, str]] = []
+    protect = {k for k in st.active if not st.violates(k)}
+    online = [n for n, x in st.nodes.items() if x.online]
+    for _ in range(4 * len(st.work)):
+        node = st.peak_node()
+        if node is None:
+            break
+        u_peak = st.util(node)
+        bar = u_peak * (1 - 1e-3)
+        choice = None
+        for a in sorted(k for k in st.members[node] if may_move(k)):
+            for m in online:
+                if m == node:
+                    continue
+                if within_budget({a}):
+                    st.move(a, m)
+                    if _fits(st, (node, m), protect):
+                        sc = max(st.util(node), st.util(m))
+                        if sc < bar and (choice is None or sc < choice[0]):
+                            choice = (sc, ((a, node, m),))
+                    st.move(a, node)
+                for b in sorted(k for k in st.members[m] if may_move(k)):
+                    if not within_budget({a, b}):
+                        continue
+                    st.move(a, m)
+                    st.move(b, node)
+                    if _fits(st, (node, m), protect):
+                        sc = max(st.util(node), st.util(m))
+                        if sc < bar and (choice is None or sc < choice[0]):
+                            choice = (sc, ((a, node, m), (b, m, node)))
+                    st.move(b, m)
+                    st.move(a, node)
+        if choice is None:
+            break
+        for k, frm, to in choice[1]:
+            p_first.setdefault(k, st.p95(k))
+            st.move(k, to)
+            done.append((k, frm, to))
+    return done
 
 
 def _shave(st: _State, policy: Policy, movable, frozen: set, moves: list, budget: float) -> bool:

@@ -397,7 +397,7 @@ def _plan(snapshot: Snapshot, policy: Policy, assignment: dict[tuple[str, str], 
             reason = "slo_violation"
         elif w.executor in over_before:
             reason = "over_utilisation"
-        elif p_before - p_after >= policy.min_gain_ms:
+        elif policy.min_gain_ms is not None and p_before - p_after >= policy.min_gain_ms:
             reason = "latency_gain"
         else:
             reason = "peak_utilisation"

@@ -255,18 +255,20 @@ def _remote(rtt_ms):
 
 
 def test_latency_gain_below_min_gain_is_not_made():
+    latency = Policy(min_gain_ms=5.0)
     near = _remote(1.0)
     gain = pl.evaluate(near, {}).p95_ms[("m", "d1")] - pl.evaluate(near, {("m", "d1"): "d1"}).p95_ms[("m", "d1")]
     assert 0 < gain < 5.0
-    assert pl.plan(near).moves == ()
+    assert pl.plan(near, latency).moves == ()
     # 40 ms away, going home is worth a move, and the peak (c1) does not rise
     far = _remote(40.0)
-    p = pl.plan(far)
+    p = pl.plan(far, latency)
     assert [(m.to_node, m.reason) for m in p.moves] == [("d1", "latency_gain")]
     assert p.moves[0].p95_before_ms - p.moves[0].p95_after_ms >= 5.0
     assert p.peak_utilisation_after <= p.peak_utilisation_before
-    # unless min_gain asks for more
+    # unless min_gain asks for more; and by default latency alone never moves anything
     assert pl.plan(far, Policy(min_gain_ms=60.0)).moves == ()
+    assert pl.plan(far).moves == ()
 
 
 def test_latency_gain_never_raises_the_peak():
@@ -276,7 +278,7 @@ def test_latency_gain_never_raises_the_peak():
         [Model("m", MB, 10.0)],
         [Workload("m", "d1", 1.0, 500.0, "c1")],
     )
-    assert pl.plan(s).moves == ()
+    assert pl.plan(s, Policy(min_gain_ms=5.0)).moves == ()
 
 
 def test_cooldown_is_respected():
@@ -325,13 +327,14 @@ def test_peak_is_shaved_when_that_lowers_it_by_peak_gain():
         [Model("a", MB, 40.0), Model("b", MB, 40.0)],
         [Workload("a", "d1", 10.0, 5_000.0, "d1"), Workload("b", "d1", 5.0, 5_000.0, "d1")],
     )
-    p = pl.plan(s, Policy(min_gain_ms=1_000.0, peak_gain=0.01))  # no latency-only moves
-    assert [(m.model, m.to_node, m.reason) for m in p.moves] == [
+    p = pl.plan(s, Policy(peak_gain=0.01))
+    assert sorted((m.model, m.to_node, m.reason) for m in p.moves) == [
         ("a", "c1", "peak_utilisation"),  # 0.6 -> 0.2 (the largest drop first)
         ("b", "c1", "peak_utilisation"),  # 0.2 -> 0.075 on c1
     ]
     assert p.peak_utilisation_after == pytest.approx(0.075)
-    assert pl.plan(s, Policy(min_gain_ms=1_000.0)).moves == ()  # off by default
+    assert pl.plan(s).moves == p.moves  # on by default (peak_gain 0.02)
+    assert pl.plan(s, Policy(peak_gain=None)).moves == ()  # None: never for the peak alone
     # a drop below peak_gain is not worth a move
     small = dataclasses.replace(s, workloads=(Workload("a", "d1", 0.2, 5_000.0, "d1"),))
     assert pl.plan(small, Policy(peak_gain=0.01)).moves == ()
