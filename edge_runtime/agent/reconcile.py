@@ -53,8 +53,8 @@ Rules:
   older desired version (it finishes or rolls back first; the installer has no abort).
   ``Fetch``, ``Install`` and ``Activate`` are alternatives: at most one of them per model.
 - **One transfer per artifact.** A desired sha256 already being transferred (by any model:
-  blobs are content-addressed) → ``Noop(why="transfer_in_progress")``, never a second
-  ``Fetch``.
+  blobs are content-addressed), or fetched by an earlier model of the same plan →
+  ``Noop(why="transfer_in_progress")``, never a second ``Fetch``.
 - **Routes.** ``route`` is compared with the current one (``routes``, absent = ``local``).
   Moving calls away from here is immediate (make-before-break is the controller's job: it
   routes here to a node only once that node serves the model). Moving them *to* local waits
@@ -235,6 +235,9 @@ def plan(
     for name, spec in sorted(desired.models.items()):
         model = actual.models.get(name) or ModelState()
         version_step = _version_step(name, spec, model, transfers, blobs, max_artifact_bytes) if spec.install else None
+        if isinstance(version_step, Fetch):
+            # two models sharing one artifact: the first fetches it, the other waits for the blob
+            transfers = transfers | {version_step.sha256}
         if version_step is not None:
             steps.append(version_step)
         current = routes.get(name, LOCAL)

@@ -195,6 +195,18 @@ def test_plan(case: Case) -> None:
     assert got.generation == (case.desired.generation if case.desired else None)
 
 
+def test_two_models_sharing_one_artifact_fetch_it_once() -> None:
+    # "kws" and "kws-b" name the same bytes: one transfer; the other model waits for the blob
+    a = spec("kws", "2")
+    b = m.ModelSpec(version="2", manifest=a.manifest.model_copy(update={"name": "kws-b"}))
+    want = desired(a, b)
+    got = r.plan(want, store(), serving={}, transfers_in_progress=(), blobs_present=())
+    assert [brief(s) for s in got.steps] == ["fetch kws 2", "noop kws-b 2 transfer_in_progress"]
+    # once the blob is there, the other one installs from it without a transfer
+    got = r.plan(want, store(model("kws", "2")), serving={}, transfers_in_progress=(), blobs_present={sha("kws", "2")})
+    assert [brief(s) for s in got.steps] == ["install kws-b 2"]
+
+
 def test_case_names_are_distinct() -> None:
     assert len({c.name for c in CASES}) == len(CASES)
 
