@@ -27,12 +27,25 @@ the exact MILP on small ones.
    Figures: failed calls (target 0; a wrong output is a failure), p99 of the calls started
    during a migration (created_at .. finished_at in the controller's store) vs the calls
    started outside any, their ratio, the same by who answered (fast path: local or
-   cloud-1), migration durations (finished_at - created_at). ``rebalance``: the issue's
-   headline once -- ``fleetctl serve --rebalance-every 5s``, dev-a with one interpreter per
-   model and its threads pinned to one CPU (cloud-1 to the other; both still report the
-   host's cores), two vision models each called back to back on the fast path; the
-   rebalancer moves one to cloud-1; p95 of the calls before the move vs after it. The
-   target ``migration_failed_calls`` counts both parts.
+   cloud-1), migration durations (finished_at - created_at).
+4. rebalance (under migration_under_load): the issue's headline once -- ``fleetctl serve
+   --rebalance-every 45s``, dev-a with one interpreter per model and its threads pinned to
+   one CPU (cloud-1 to the other; both still report the host's cores), two vision models.
+   Calibration: each model alone, one caller back to back (an unloaded call) then two
+   (``saturated_calls_per_s``; ``service_ms`` = 1000 / that, what a call costs the pinned CPU).
+   Then open-loop load on dev-a's fast path (``OpenLoad``): Poisson arrivals per model at
+   ``OVERLOAD`` / 2 of its saturated rate, so either model alone fits and the two together
+   need 1.25 CPUs: the queue grows. Latency counts from each call's scheduled start (a slow
+   answer never delays the arrivals); every answer is checked against the reference. The
+   load starts ``BEFORE_S`` before a planning round (the first is one period after the
+   controller starts), so the before-window is ~8 s of overload; the planner sees it in
+   telemetry (every 0.5 s: rate, service_ms, utilisation) and moves one model to cloud-1.
+   After the move the bench waits up to ``DRAIN_LIMIT_S`` for the backlog to drain, then for
+   ``AFTER_CALLS`` more calls. Figures per window (before, during, after = everything after
+   the move, draining, after_drained) per model and overall: calls, failed, achieved arrival
+   rate, p50/p95/p99, client-side queueing; ``drain_s`` (None: never drained) and a 2 s
+   timeline. In an overload the before p95 grows with the window's length: it is this
+   window's figure. The target ``migration_failed_calls`` counts both parts.
 
 The last line of stdout is one JSON object (DESIGN.md's report shape); the targets are the
 issue's: plan time <= 2 s at 10,000 x 100, within 5% of the optimum on >= 95% of instances,
@@ -43,9 +56,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
+import queue
 import statistics
 import sys
 import tempfile
@@ -241,7 +256,15 @@ def bench_gap(instances: int, time_limit_s: float = 10.0) -> dict[str, Any]:
 
 DEV, CLOUD = "dev-a", "cloud-1"
 STEADY_S = 2.0  # seconds of calls on the new route after each migration, before the next one (and at the start)
-STEADY_CALLS = 150  # rebalance: calls served by the cloud node after the move
+# rebalance
+REBALANCE_EVERY_S = 45.0  # planning rounds; the first one period after the controller starts
+BEFORE_S = 8.0  # open-loop load before the planning round that moves a model
+CALIBRATE_S = 1.5  # each calibration step, per model
+OVERLOAD = 1.25  # the two models' arrival rates need this many of dev-a's one pinned CPU
+DRAINED_LAG_S = 0.3  # after the move, the backlog is drained once no call scheduled this long ago is unanswered
+AFTER_CALLS = 600  # calls scheduled after the backlog drained before the load stops ...
+AFTER_MIN_S = 5.0  # ... and at least these seconds of them
+DRAIN_LIMIT_S = 30.0  # the longest wait for the backlog to drain
 FINAL_STATES = ("done", "reverted", "failed")
 
 
@@ -254,6 +277,18 @@ class Call:
     ok: bool
     served_by: Optional[str]  # fast path only ("local" when not routed)
     error: Optional[str]
+    queued_ms: Optional[float] = None  # open loop: from the scheduled start until a worker sent it
+
+
+def _fast_predict(fast: Any, model: str, name: str, x: np.ndarray) -> tuple[str, np.ndarray]:
+    """One fast-path predict: (who answered, the output)."""
+    reply, out = fast.call({"op": "predict", "model": model, "inputs": [name], "deadline_ms": 10000}, [x])
+    return reply.get("served_by", "local"), out[0]
+
+
+def _check(got: Any, ref: np.ndarray) -> tuple[bool, Optional[str]]:
+    ok = bool(np.allclose(np.asarray(got, np.float32), ref, atol=1e-4, rtol=1e-4))
+    return ok, None if ok else "outputs differ from the reference"
 
 
 @dataclass
@@ -284,16 +319,13 @@ class Load:
                 served = error = None
                 try:
                     if kind == "fast":
-                        reply, out = fast.call({"op": "predict", "model": model, "inputs": [name],
-                                                "deadline_ms": 10000}, [x])
-                        served, got = reply.get("served_by", "local"), out[0]
+                        served, got = _fast_predict(fast, model, name, x)
                     else:
                         req = urllib.request.Request(f"{self.rest_url}/v1/models/{model}:predict", data=body,
                                                      headers={"Content-Type": "application/json"}, method="POST")
                         with urllib.request.urlopen(req, timeout=30) as resp:
                             got = json.load(resp)["predictions"]
-                    ok = bool(np.allclose(np.asarray(got, np.float32), ref, atol=1e-4, rtol=1e-4))
-                    error = None if ok else "outputs differ from the reference"
+                    ok, error = _check(got, ref)
                 except urllib.error.HTTPError as exc:
                     ok, error = False, f"HTTP {exc.code}: {exc.read()[:200]!r}"
                 except Exception as exc:  # noqa: BLE001 - a failed call is the figure
@@ -316,10 +348,95 @@ class Load:
 
 
 @dataclass
+class OpenLoad:
+    """Open-loop load on one device's fast path: per model, requests arrive as a Poisson
+    process at a fixed rate (seeded), whatever the answers take. A dispatcher thread queues
+    each arrival at its scheduled time; ``workers`` threads per model (each its own
+    connection) take them in order and call. A call's ``t0`` and ``ms`` start at its
+    scheduled time, so the wait in this queue counts (``queued_ms`` is that part): a slow
+    answer delays the calls behind it but never the arrivals. Every answer is checked
+    against the reference; on ``close`` the calls already scheduled are still made."""
+
+    socket: str
+    refs: dict[str, tuple[str, np.ndarray, np.ndarray]]  # model -> (input name, input, reference output)
+    workers: int = 4
+    calls: list[Call] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pending: dict[int, float] = field(default_factory=dict)  # scheduled, not answered yet: seq -> due
+    seq: Iterator[int] = field(default_factory=itertools.count)
+
+    def start(self, model: str, rate: float, seed: int) -> None:
+        todo: queue.SimpleQueue[Optional[tuple[int, float]]] = queue.SimpleQueue()
+        wall = time.time() - time.perf_counter()  # perf_counter -> wall time (the store's clock)
+        threads = [threading.Thread(target=self._dispatch, args=(todo, rate, seed), daemon=True)]
+        threads += [threading.Thread(target=self._work, args=(todo, model, wall), daemon=True)
+                    for _ in range(self.workers)]
+        self.threads += threads
+        for t in threads:
+            t.start()
+
+    def _dispatch(self, todo: "queue.SimpleQueue[Optional[tuple[int, float]]]", rate: float, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        due = time.perf_counter()
+        while not self.stop.is_set():
+            due += float(rng.exponential(1.0 / rate))
+            wait = due - time.perf_counter()
+            if wait > 0 and self.stop.wait(wait):
+                break
+            with self.lock:
+                n = next(self.seq)
+                self.pending[n] = due
+            todo.put((n, due))
+        for _ in range(self.workers):
+            todo.put(None)
+
+    def _work(self, todo: "queue.SimpleQueue[Optional[tuple[int, float]]]", model: str, wall: float) -> None:
+        from edge_runtime.api.client import FastPathClient
+
+        name, x, ref = self.refs[model]
+        with FastPathClient(self.socket) as fast:
+            while (item := todo.get()) is not None:
+                n, due = item
+                sent = time.perf_counter()
+                served = error = None
+                try:
+                    served, got = _fast_predict(fast, model, name, x)
+                    ok, error = _check(got, ref)
+                except Exception as exc:  # noqa: BLE001 - a failed call is the figure
+                    ok, error = False, repr(exc)
+                call = Call("fast", model, due + wall, (time.perf_counter() - due) * 1e3, ok, served, error,
+                            queued_ms=(sent - due) * 1e3)
+                with self.lock:
+                    self.calls.append(call)
+                    del self.pending[n]
+
+    def snapshot(self) -> list[Call]:
+        with self.lock:
+            return list(self.calls)
+
+    def count_since(self, t: float) -> int:
+        return sum(1 for c in self.snapshot() if c.t0 >= t)
+
+    def lag_s(self) -> float:
+        """How long the oldest call scheduled and not answered yet has waited (the backlog)."""
+        with self.lock:
+            oldest = min(self.pending.values(), default=None)
+        return 0.0 if oldest is None else max(0.0, time.perf_counter() - oldest)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+
+
+@dataclass
 class Rig:
     api: Any
     dev: Any  # tests.fleetkit.DeviceFleet
     ctl: Any  # tests.fleetkit.ControllerProcess
+    ctl_started: float = 0.0  # wall time the controller's ticker started (its first rebalance is a period later)
 
     def deploy(self, path: Path, name: str) -> None:
         from tests.fleetkit import push_model
@@ -331,8 +448,11 @@ class Rig:
                    interval=0.3, what=f"{name}@1 on {DEV}")
 
     def load(self, refs: dict[str, tuple[str, np.ndarray, np.ndarray]]) -> Load:
-        socket = tomllib.loads(self.dev.configs[DEV].read_text())["api"]["socket_path"]
-        return Load(self.dev.rest_url(DEV), str(socket), refs)
+        return Load(self.dev.rest_url(DEV), self.socket, refs)
+
+    @property
+    def socket(self) -> str:
+        return str(tomllib.loads(self.dev.configs[DEV].read_text())["api"]["socket_path"])
 
 
 @contextlib.contextmanager
@@ -352,6 +472,8 @@ def real_fleet(base: Path, *, ctl_extra: tuple[str, ...] = (), dev_extra: Option
         stack.callback(broker.close)
         broker.start()
         ctl = stack.enter_context(ControllerProcess(broker.url, base / "ctl", keys, extra=ctl_extra))
+        ctl.metrics_port  # noqa: B018 - logged just before the ticker starts: when its rebalance period began
+        ctl_started = time.time()
         remote = {"remote": {"deadline_ms": 5000}}
         dev = stack.enter_context(DeviceFleet(broker.url, base / "dev", keys, [DEV], telemetry_interval_s=0.5,
                                               extra={**remote, **(dev_extra or {})}))
@@ -367,7 +489,7 @@ def real_fleet(base: Path, *, ctl_extra: tuple[str, ...] = (), dev_extra: Option
         api = stack.enter_context(ApiClient(broker.url, timeout=20))
         wait_until(lambda: {d["id"] for d in api.call("devices.list") if d["online"]} >= {DEV, CLOUD}, timeout=30,
                    what="both runtimes online at the controller")
-        yield Rig(api, dev, ctl)
+        yield Rig(api, dev, ctl, ctl_started)
 
 
 def _pin(pid: int, cpus: set[int]) -> None:
@@ -458,6 +580,45 @@ def _migrations(rig: Rig, count: int) -> dict[str, Any]:
     }
 
 
+def _window(calls: list[Call], a: float, b: float) -> dict[str, Any]:
+    """Figures of the calls scheduled in [a, b): count, failures, latency percentiles (from
+    the scheduled start), the client-side queueing part, and the arrival rate achieved."""
+    sel = [c for c in calls if a <= c.t0 < b]
+    ms = [c.ms for c in sel]
+    return {"calls": len(sel), "failed": sum(1 for c in sel if not c.ok),
+            "rate_per_s": round(len(sel) / (b - a), 2) if b > a else None,
+            "p50_ms": _pct(ms, 50), "p95_ms": _pct(ms, 95), "p99_ms": _pct(ms, 99),
+            "p95_queued_ms": _pct([c.queued_ms or 0.0 for c in sel], 95),
+            "served_by": {k: sum(1 for c in sel if c.served_by == k) for k in sorted({c.served_by or "" for c in sel})}}
+
+
+def _calibrate(rig: Rig, refs: dict[str, tuple[str, np.ndarray, np.ndarray]]) -> tuple[dict[str, Any], list[Call]]:
+    """Per model, alone on dev-a: an unloaded call (one caller, back to back) and the
+    throughput with two callers keeping its one interpreter busy: ``service_ms`` = 1000 / that
+    throughput, what one call costs dev-a's pinned CPU (interpreter, server, IPC)."""
+    out: dict[str, Any] = {}
+    calls: list[Call] = []
+    for model in refs:
+        load = rig.load({model: refs[model]})
+        try:
+            load.start("fast", model)
+            t = time.time()
+            time.sleep(0.3 + CALIBRATE_S)
+            single = [c.ms for c in load.snapshot() if c.t0 >= t + 0.3]
+            load.start("fast", model)
+            t = time.time() + 0.3
+            time.sleep(0.3 + CALIBRATE_S)
+            busy = sum(1 for c in load.snapshot() if t <= c.t0 < t + CALIBRATE_S)
+        finally:
+            load.close()
+        calls += load.snapshot()
+        per_s = busy / CALIBRATE_S
+        out[model] = {"single_call_ms_p50": _pct(single, 50), "single_calls": len(single),
+                      "saturated_calls_per_s": round(per_s, 2),
+                      "service_ms": round(1000.0 / per_s, 3) if per_s else None}
+    return out, calls
+
+
 def _rebalance(rig: Rig) -> dict[str, Any]:
     from edge_runtime.modelgen import zoo as z
     from tests.helpers import wait_until
@@ -467,36 +628,82 @@ def _rebalance(rig: Rig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ef-bench-reb-") as tmp:
         rig.deploy(va.save(Path(tmp) / "vis-a.tflite"), "vis-a")
         rig.deploy(vb.save(Path(tmp) / "vis-b.tflite"), "vis-b")
-    load = rig.load({"vis-a": ("image", image, va.reference({"image": image})["probs"]),
-                     "vis-b": ("image", image, vb.reference({"image": image})["probs"])})
+    refs = {"vis-a": ("image", image, va.reference({"image": image})["probs"]),
+            "vis-b": ("image", image, vb.reference({"image": image})["probs"])}
+    calibration, cal_calls = _calibrate(rig, refs)
+    # each model alone needs OVERLOAD / 2 of the CPU (it fits); the two together OVERLOAD (they do not)
+    rates = {m: OVERLOAD / len(refs) * calibration[m]["saturated_calls_per_s"] for m in refs}
+    log(f"rebalance calibration: {calibration}; open-loop rates {({m: round(r, 1) for m, r in rates.items()})}/s")
+    # the load starts BEFORE_S before a planning round (the first is one period after the controller started)
+    now = time.time()
+    rounds = max(1, math.ceil((now + BEFORE_S - rig.ctl_started) / REBALANCE_EVERY_S))
+    planned = rig.ctl_started + rounds * REBALANCE_EVERY_S
+    idle = max(0.0, planned - BEFORE_S - now)
+    time.sleep(idle)  # sets the before-window's length (a bench figure, not a wait for a condition)
+    load = OpenLoad(rig.socket, refs)
     try:
-        load.start("fast", "vis-a")
-        load.start("fast", "vis-b")
-        moved = wait_until(lambda: next(iter(rig.api.call("migrations.list", all=True)), None), timeout=120,
-                           interval=0.3, what="the rebalancer starting a migration")
+        start = time.time()
+        for k, (model, rate) in enumerate(rates.items()):
+            load.start(model, rate, seed=k + 1)
+        moved = wait_until(lambda: next(iter(rig.api.call("migrations.list", all=True)), None),
+                           timeout=BEFORE_S + 2 * REBALANCE_EVERY_S, interval=0.3,
+                           what="the rebalancer starting a migration")
         row = wait_until(lambda: (lambda r: r if r["state"] in FINAL_STATES else None)(
             rig.api.call("migrations.show", id=moved["id"])), timeout=120, interval=0.2, what="the move ending")
-        after = time.time()
-        wait_until(lambda: load.count_since(after, CLOUD) >= STEADY_CALLS, timeout=120,
-                   what=f"{row['model']} served by {CLOUD}")
+        # the backlog built up before the move drains first; then a steady window after it
+        # (a figure: when it never does, the after windows end DRAIN_LIMIT_S after the move)
+        drained: Optional[float] = None
+        with contextlib.suppress(AssertionError):
+            drained = wait_until(lambda: time.time() if load.lag_s() < DRAINED_LAG_S else None,
+                                 timeout=DRAIN_LIMIT_S, interval=0.1, what="the backlog draining after the move")
+        if drained is not None:
+            wait_until(lambda: load.count_since(drained) >= AFTER_CALLS and time.time() >= drained + AFTER_MIN_S,
+                       timeout=180, interval=0.2, what=f"{AFTER_CALLS} calls after the backlog drained")
+        lag_at_stop = round(load.lag_s(), 3)
+        stop = time.time()
     finally:
         load.close()
-    calls = load.snapshot()
-    first = calls[0].t0 if calls else 0.0
-    before = [c.ms for c in calls if first + 1.0 <= c.t0 < row["created_at"]]  # the first second warms up
-    later = [c.ms for c in calls if c.t0 >= row["finished_at"]]
+    calls = sorted(load.snapshot(), key=lambda c: c.t0)
+    created, finished = row["created_at"], row["finished_at"]
+    windows = {"before": (start + 1.0, created),  # the first second warms up
+               "during": (created, finished), "after": (finished, stop),
+               "draining": (finished, drained or stop), "after_drained": (drained or stop, stop)}
+    figures = {w: {"all": _window(calls, a, b), **{m: _window([c for c in calls if c.model == m], a, b) for m in refs}}
+               for w, (a, b) in windows.items()}
+    bins = []  # (seconds into the load, calls scheduled in the 2 s from there, their p50 and p95)
+    for t in np.arange(0.0, stop - start, 2.0):
+        ms = [c.ms for c in calls if start + t <= c.t0 < start + t + 2.0]
+        bins.append([round(float(t), 1), len(ms), _pct(ms, 50), _pct(ms, 95)])
+    before, after, steady = figures["before"]["all"], figures["after"]["all"], figures["after_drained"]["all"]
     out = {
         "state": row["state"], "model": row["model"], "to_node": row["to_node"], "reason": row["reason"],
         "created_by": row["created_by"], "prediction": row["prediction"],
-        "rebalance_after_load_s": round(row["created_at"] - first, 2),
-        "migration_s": round(row["finished_at"] - row["created_at"], 3),
+        "load": "open loop: Poisson arrivals per model on dev-a's fast path, latency from the scheduled start",
+        "rebalance_every_s": REBALANCE_EVERY_S, "planning_round": rounds, "idle_before_load_s": round(idle, 2),
+        "overload_target": OVERLOAD, "calibration": calibration,
+        "rates_per_s": {m: round(r, 2) for m, r in rates.items()},
+        "rebalance_after_load_s": round(created - start, 2),
+        "migration_s": round(finished - created, 3),
         "migrations_started": len(rig.api.call("migrations.list", all=True)),
-        "calls": len(calls), "failed_calls": sum(1 for c in calls if not c.ok),
-        "calls_before": len(before), "calls_after": len(later),
-        "p95_before_ms": _pct(before, 95), "p95_after_ms": _pct(later, 95),
+        "calls": len(calls), "calibration_calls": len(cal_calls),
+        "failed_calls": sum(1 for c in calls + cal_calls if not c.ok),
+        "failures_sample": sorted({c.error or "" for c in calls + cal_calls if not c.ok})[:5],
+        "calls_before": before["calls"], "calls_during": figures["during"]["all"]["calls"], "calls_after": after["calls"],
+        "p50_before_ms": before["p50_ms"], "p95_before_ms": before["p95_ms"],
+        "p50_after_ms": after["p50_ms"], "p95_after_ms": after["p95_ms"],  # every call after the move
+        "drain_s": round(drained - finished, 2) if drained else None, "backlog_at_stop_s": lag_at_stop,
+        "calls_after_drained": steady["calls"],
+        "p50_after_drained_ms": steady["p50_ms"], "p95_after_drained_ms": steady["p95_ms"],
+        "windows": figures,
+        "timeline_2s": bins,
     }
     log(f"rebalance: {out['model']} -> {out['to_node']} ({out['reason']}) {out['rebalance_after_load_s']} s into the "
-        f"load; p95 {out['p95_before_ms']} -> {out['p95_after_ms']} ms; {out['failed_calls']} failed calls")
+        f"load, {out['migration_s']} s; p95 {out['p95_before_ms']} ms ({out['calls_before']} calls) -> "
+        f"{out['p95_after_ms']} ms ({out['calls_after']} calls; backlog drained in {out['drain_s']} s, then "
+        f"{out['p95_after_drained_ms']} ms over {out['calls_after_drained']} calls); {out['failed_calls']} failed calls")
+    for w in figures:
+        log(f"  {w}: " + "; ".join(f"{m} {f['calls']} calls at {f['rate_per_s']}/s p50 {f['p50_ms']} p95 {f['p95_ms']} "
+                                   f"failed {f['failed']}" for m, f in figures[w].items()))
     return out
 
 
@@ -509,7 +716,7 @@ def bench_migration_under_load(count: int) -> dict[str, Any]:
             f"{out['calls']} calls ({out['calls_during_migrations']} during migrations); p99 during "
             f"{out['p99_during_ms']} ms vs steady {out['p99_steady_ms']} ms (x{out['p99_ratio_during_vs_steady']}); "
             f"migration median {out['migration_s_median']} s, max {out['migration_s_max']} s")
-        with real_fleet(base / "rebalance", ctl_extra=("--rebalance-every", "5s"),
+        with real_fleet(base / "rebalance", ctl_extra=("--rebalance-every", f"{REBALANCE_EVERY_S:g}s"),
                         dev_extra={"api": {"pool_size": 1}}, pin=True) as rig:
             out["rebalance"] = _rebalance(rig)
     out["failed_calls_total"] = out["failed_calls"] + out["rebalance"]["failed_calls"]
