@@ -12,11 +12,14 @@ What the snapshot is made of:
                 service time = the median of the measured ones, else ``DEFAULT_SERVICE_MS``
     workloads   one per (model, source) for every assignment on a device that is not a
                 cloud node (cloud nodes execute, they do not call): executor = the
-                assignment's route (the source itself when local); rate = the ``rate``
-                of the model in the source's newest telemetry (0 when it is offline or
-                silent), minus what other sources routed to it send (an executor's engine
-                counts the calls it serves for others too); SLO = ``slo_by_model`` or
-                the default
+                assignment's route (the source itself when local); rate = the
+                ``demand_rate`` of the model in the source's newest telemetry: the calls
+                its own API received, wherever they ran, so a source whose calls go to
+                another node keeps its load (0 when it is offline or silent). From an
+                agent older than protocol 1.1 (no ``demand_rate``) the old estimate: its
+                ``rate`` (what its engine ran: calls it routed away are not in it), minus
+                what other sources routed to it send (an executor's engine counts the calls
+                it serves for others too); SLO = ``slo_by_model`` or the default
     service_ms  (node, model) from the node's newest telemetry where it runs the model
                 locally and measured one
     rtt_ms      (device, peer) from telemetry's ``peers_rtt_ms``
@@ -29,6 +32,7 @@ migration for them (and the store refuses one anyway).
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -94,7 +98,8 @@ def build_snapshot(store: Store, *, now: float, slo_ms: float = DEFAULT_SLO_MS,
         models[name] = placement.Model(name=name, memory_bytes=size, service_ms=ref)
     service = {k: v for k, v in service.items() if k[1] in models}
 
-    raw_rate: dict[tuple[str, str], float] = {}
+    raw_rate: dict[tuple[str, str], float] = {}  # what the source's engine ran
+    demand: dict[tuple[str, str], Optional[float]] = {}  # what its API received (None: an older agent)
     executor: dict[tuple[str, str], str] = {}
     for a in assignments:
         d = devices.get(a.device_id)
@@ -103,19 +108,24 @@ def build_snapshot(store: Store, *, now: float, slo_ms: float = DEFAULT_SLO_MS,
         key = (a.model, a.device_id)
         executor[key] = a.device_id if a.route == LOCAL else a.route
         fig = _last_models(d).get(a.model) or {}
-        rate = fig.get("rate")
-        raw_rate[key] = float(rate) if d.online and isinstance(rate, (int, float)) and rate >= 0 else 0.0
+        raw_rate[key] = _rate(fig.get("rate")) if d.online else 0.0
+        reported = fig.get("demand_rate")
+        demand[key] = None if reported is None else _rate(reported) if d.online else 0.0
     forwarded: dict[tuple[str, str], float] = {}  # (model, executor) -> rate other sources send it
     for (model, source), ex in executor.items():
         if ex != source:
-            forwarded[(model, ex)] = forwarded.get((model, ex), 0.0) + raw_rate[(model, source)]
+            sent = demand[(model, source)]
+            forwarded[(model, ex)] = forwarded.get((model, ex), 0.0) + (
+                raw_rate[(model, source)] if sent is None else sent)
     workloads = []
     for (model, source), ex in sorted(executor.items()):
         if ex not in devices:
             continue  # routed to a node the store never heard of: not plannable
-        rate = raw_rate[(model, source)]
-        if ex == source:
-            rate = max(0.0, rate - forwarded.get((model, source), 0.0))
+        rate = demand[(model, source)]
+        if rate is None:  # an agent before protocol 1.1: estimate from what its engine ran
+            rate = raw_rate[(model, source)]
+            if ex == source:
+                rate = max(0.0, rate - forwarded.get((model, source), 0.0))
         workloads.append(placement.Workload(model=model, source=source, rate=rate,
                                             slo_ms=float(slo_by_model.get(model, slo_ms)), executor=ex))
 
@@ -127,6 +137,12 @@ def build_snapshot(store: Store, *, now: float, slo_ms: float = DEFAULT_SLO_MS,
             last_moved[key] = max(last_moved.get(key, 0.0), m.finished_at)
     return placement.Snapshot(nodes=tuple(nodes), models=models, workloads=tuple(workloads), service_ms=service,
                               rtt_ms=rtt, last_moved=last_moved, now=now)
+
+
+def _rate(value: Any) -> float:
+    """A reported rate as a float, 0 for anything that is not a finite number >= 0."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if number and math.isfinite(value) and value >= 0 else 0.0
 
 
 def move_row(move: placement.Move) -> dict[str, Any]:

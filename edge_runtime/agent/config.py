@@ -9,6 +9,7 @@ refuses unknown keys, so a typo fails at start instead of being ignored. An exam
     groups = ["kitchen", "canary"]       # group targets this device accepts (same id rule)
     tier = "edge"                        # "edge" or "cloud"
     accelerator = "auto"                 # "auto" (detect), "none", or a label such as "edgetpu"
+    cores = 2                            # optional: CPU cores placement may use (default: detected)
     data_dir = "/var/lib/edge-runtime"   # store, trust state, outbox, transfers
     trust_root = "/etc/edge-runtime/root.json"  # optional: provisions the trust store if empty
     telemetry_interval_s = 10            # 0.1 .. 3600
@@ -61,6 +62,13 @@ refuses unknown keys, so a typo fails at start instead of being ignored. An exam
 ``accelerator`` (top level) labels the node's accelerator for placement: ``"auto"`` (the
 default) detects a Coral ``/dev/apex_0`` or a Jetson's ``/etc/nv_tegra_release``, ``"none"``
 reports none, anything else (``"edgetpu"``, ``"cuda"``) is reported as written.
+
+``cores`` (top level, optional, an integer from 1 to 4096) is what the birth reports as
+``capabilities.cores``, the CPU cores the placement planner lets this node's models use.
+Left out, it is detected: the CPUs this process may run on (``os.sched_getaffinity``, so
+``taskset`` and systemd's ``CPUAffinity=`` count), else ``os.cpu_count()``. Set it where
+detection cannot see the limit -- a container's CPU quota (``docker --cpus``, systemd's
+``CPUQuota=``) -- or to keep cores back for other work on the board.
 
 Paths are used as written (relative ones against the working directory, which is ``/``
 under systemd): write them absolute.
@@ -330,6 +338,8 @@ class AgentConfig(_Section):
     remote: RemoteConfig = RemoteConfig()
     # "auto": detected; "none": no accelerator; anything else labels it ("edgetpu", "cuda").
     accelerator: str = Field(default="auto", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    # CPU cores for placement (capabilities.cores); None: detected (see the module docstring).
+    cores: Optional[int] = Field(default=None, ge=1, le=4096)
 
     def accelerator_label(self, detect: Any) -> Optional[str]:
         """What birth reports as ``capabilities.accelerator``: ``detect()`` for ``auto``,
@@ -337,6 +347,20 @@ class AgentConfig(_Section):
         if self.accelerator == "auto":
             return detect()
         return None if self.accelerator == "none" else self.accelerator
+
+    def core_count(self, detect: Any) -> int:
+        """What birth reports as ``capabilities.cores``: the configured ``cores``, else
+        ``detect()`` (kept within 1 .. 4096)."""
+        if self.cores is not None:
+            return self.cores
+        return min(4096, max(1, int(detect() or 1)))
+
+    @field_validator("cores", mode="before")
+    @classmethod
+    def _whole_cores(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # TOML true would otherwise read as 1
+            raise ValueError(f"expected a whole number of CPU cores (>= 1), got {str(value).lower()}")
+        return value
 
     @field_validator("groups")
     @classmethod

@@ -173,7 +173,9 @@ class Agent:
             self.device_id, self.runtime.engine, route=self.routes.get, spec=self._desired_spec,
             publish=self._publish_nowait, connected=lambda: self.mqtt is not None and self.mqtt.is_connected,
             settings=RemoteSettings.of(cfg.remote), on_event=self._wake.set)
-        self.node = ServingNode(self.device_id, self.runtime.engine, self._publish_nowait,
+        # The node runs other nodes' calls through the engine's peer view: they count in the
+        # model's calls and service time, not in this device's own demand (demand_rate).
+        self.node = ServingNode(self.device_id, self.runtime.engine.for_peers(), self._publish_nowait,
                                 workers=cfg.remote.executor_workers, queue_size=cfg.remote.executor_queue,
                                 queue_bytes=cfg.remote.executor_queue_bytes)
         self.runtime.start()  # the API answers from here on
@@ -478,7 +480,7 @@ class Agent:
             disk = shutil.disk_usage(self.data_dir).total
         except OSError:
             disk = None
-        return Capabilities(cores=os.cpu_count() or 1, memory_bytes=psutil.virtual_memory().total,
+        return Capabilities(cores=self.config.core_count(detect_cores), memory_bytes=psutil.virtual_memory().total,
                             tier=self.config.tier, backends=[self.runtime.engine.backend.name],
                             accelerator=self.config.accelerator_label(detect_accelerator),
                             disk_bytes=disk, arch=platform.machine()[:32] or None)
@@ -599,7 +601,7 @@ class Agent:
             return
         old = self.config
         needs_restart = [f for f in ("device_id", "groups", "tier", "data_dir", "trust_root", "broker", "api", "store",
-                                     "remote", "accelerator")
+                                     "remote", "accelerator", "cores")
                          if getattr(new, f) != getattr(old, f)]
         if needs_restart:
             log.warning("SIGHUP: %s changed; restart the service to apply", ", ".join(needs_restart))
@@ -656,6 +658,16 @@ class Agent:
             log.info("outbox flush stopped: %s (the rest is sent after the restart)", exc)
         finally:
             timer.cancel()
+
+
+def detect_cores() -> int:
+    """The CPUs this process may run on: its affinity mask where the platform has one (so
+    ``taskset`` and systemd's ``CPUAffinity=`` count), else every CPU. A CPU quota (cgroup
+    ``cpu.max``) is not seen here: the ``cores`` setting says it."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
 
 
 def detect_accelerator() -> Optional[str]:

@@ -4,9 +4,23 @@
 hottest CPU-like temperature sensor when the board has one, free disk of the data dir, own
 RSS) and every model the engine serves. Per the protocol, a model's ``calls`` and
 ``errors`` are cumulative (a controller takes differences, so a lost message loses
-nothing), while ``rate``, the percentiles, ``service_ms`` and ``utilisation`` cover the
-interval since the previous ``collect`` (measured with the injected ``clock``). The
-interval's deltas are kept in ``last_deltas`` for the agent's own use.
+nothing), while ``rate``, ``demand_rate``, the percentiles, ``service_ms`` and
+``utilisation`` cover the interval since the previous ``collect`` (measured with the
+injected ``clock``). The interval's deltas are kept in ``last_deltas`` for the agent's own
+use.
+
+Two figures feed the placement planner and must not be confused with their neighbours:
+
+    service_ms    mean time the interval's calls held an interpreter (the engine's
+                  ``service_s``): no waiting for a busy interpreter, which the planner's
+                  queueing model adds itself; the percentiles are end to end
+    demand_rate   calls/s this device's own local API received for the model, whatever
+                  served them: the local engine (``own_calls``: a local route, or a
+                  fallback to the local copy) plus the calls the executor at ``route``
+                  answered (``forwarded``) or that failed with no local copy
+                  (``forward_failures``). An executor's calls for other nodes are in
+                  ``rate`` but not here: they are the other nodes' demand. Calls refused
+                  for their inputs count in neither.
 
 Remote inference adds to a model's figures: ``extra()`` (the agent's caller and executor
 node counters, e.g. ``forwarded``, ``fallbacks``, ``served_for_peers``) is merged into each
@@ -53,6 +67,11 @@ _CPU_SENSORS = ("coretemp", "k10temp", "zenpower", "cpu_thermal", "cpu-thermal",
 _CPU_HINTS = ("cpu", "core", "soc", "package")
 
 
+# Remote inference counters (cumulative, from ``extra``) of routed calls that did not run on
+# the local engine; with the engine's ``own_calls`` they make a model's demand.
+_ROUTED = ("forwarded", "forward_failures")
+
+
 @dataclass(frozen=True)
 class ModelDelta:
     """What one model did during the last interval."""
@@ -97,13 +116,20 @@ class TelemetryCollector:
         self._lock = threading.Lock()
         self._started = clock()
         self._last_at = self._started
-        # Cumulative (calls, errors) per model at the previous collect. Models already
-        # served now are the baseline; a model first seen later starts from zero.
-        self._prev: dict[str, tuple[int, int]] = {}
+        # Cumulative (calls, errors, own_calls) per model at the previous collect, and the
+        # routed calls (``_ROUTED``) from ``extra``. Models already served now are the
+        # baseline; a model first seen later starts from zero.
+        self._prev: dict[str, tuple[int, int, int]] = {}
         for name in self._names():
             stats = self._stats(name)
             if stats is not None:
-                self._prev[name] = (stats.calls, stats.errors)
+                self._prev[name] = (stats.calls, stats.errors, _own_calls(stats))
+        self._prev_routed: dict[str, int] = {}
+        try:
+            for name, counters in (self._extra() if self._extra else {}).items():
+                self._prev_routed[name] = _routed(counters)
+        except Exception:
+            log.debug("telemetry: remote figures unavailable", exc_info=True)
         self.last_deltas: dict[str, ModelDelta] = {}
         # psutil.cpu_percent(interval=None) compares against its previous call; the first
         # one returns a meaningless 0.0, so spend it here.
@@ -235,10 +261,11 @@ class TelemetryCollector:
             deltas[name] = delta
             if len(figures) < _MAX_MODELS:
                 figures[name] = fig
-        return self._remote(figures), deltas
+        return self._remote(figures, elapsed), deltas
 
-    def _remote(self, figures: dict[str, messages.ModelFigures]) -> dict[str, messages.ModelFigures]:
-        """``figures`` with each model's route and the remote-inference counters merged in."""
+    def _remote(self, figures: dict[str, messages.ModelFigures], elapsed: float) -> dict[str, messages.ModelFigures]:
+        """``figures`` with each model's route and the remote-inference counters merged in,
+        and its routed calls added to its ``demand_rate``."""
         try:
             extra = {k: dict(v) for k, v in (self._extra() if self._extra else {}).items()}
             routes = dict(self._routes() if self._routes else {})
@@ -255,8 +282,13 @@ class TelemetryCollector:
             route = routes.get(name, messages.LOCAL)
             if _ID_RE.match(route):
                 update["route"] = route
+            base = figures.get(name) or messages.ModelFigures()
+            routed = _routed(extra.get(name, {}))
+            prev = self._prev_routed.get(name, 0)
+            self._prev_routed[name] = routed
+            d_routed = routed - prev if routed >= prev else routed  # went back: a fresh counter
+            update["demand_rate"] = (base.demand_rate or 0.0) + (d_routed / elapsed if elapsed > 0 else 0.0)
             try:
-                base = figures.get(name) or messages.ModelFigures()
                 out[name] = messages.ModelFigures.model_validate({**base.model_dump(), **update})
             except Exception:
                 log.debug("telemetry: bad remote figures for %s", name, exc_info=True)
@@ -265,32 +297,32 @@ class TelemetryCollector:
         return out
 
     def _model(self, name: str, model: Any, stats: Any, elapsed: float) -> tuple[messages.ModelFigures, ModelDelta]:
-        calls, errors = int(stats.calls), int(stats.errors)
-        prev_calls, prev_errors = self._prev.get(name, (0, 0))
+        calls, errors, own = int(stats.calls), int(stats.errors), _own_calls(stats)
+        prev_calls, prev_errors, prev_own = self._prev.get(name, (0, 0, 0))
         # Counters only grow; if one went back (a fresh stats object), count from zero.
         d_calls = calls - prev_calls if calls >= prev_calls else calls
         d_errors = errors - prev_errors if errors >= prev_errors else errors
-        self._prev[name] = (calls, errors)
+        d_own = own - prev_own if own >= prev_own else own
+        self._prev[name] = (calls, errors, own)
         delta = ModelDelta(calls=d_calls, errors=d_errors, elapsed_s=max(0.0, elapsed))
 
-        window = _snapshot(stats.latencies_s)
-        recent = window[-d_calls:] if 0 < d_calls else []  # latencies of this interval's calls
         p50 = p95 = p99 = service = util = None
-        if len(recent):
-            ms = np.asarray(recent, dtype=np.float64) * 1e3
-            ms = ms[np.isfinite(ms) & (ms >= 0)]
-            if ms.size:
-                p50, p95, p99 = (float(x) for x in np.percentile(ms, [50, 95, 99]))
-                service = float(ms.mean())
-                pool_size = int(getattr(getattr(model, "pool", None), "size", 0) or 0)
-                if elapsed > 0 and pool_size > 0:
-                    util = service / 1e3 * d_calls / elapsed / pool_size
+        latency_ms = _recent_ms(stats.latencies_s, d_calls)  # this interval's calls, end to end
+        if latency_ms.size:
+            p50, p95, p99 = (float(x) for x in np.percentile(latency_ms, [50, 95, 99]))
+        service_ms = _recent_ms(getattr(stats, "service_s", ()), d_calls)  # their interpreter time
+        if service_ms.size:
+            service = float(service_ms.mean())
+            pool_size = int(getattr(getattr(model, "pool", None), "size", 0) or 0)
+            if elapsed > 0 and pool_size > 0:
+                util = service / 1e3 * d_calls / elapsed / pool_size
         version = getattr(model, "version", None)
         fig = messages.ModelFigures(
             version=version if isinstance(version, str) and _VERSION_RE.match(version) else None,
             calls=calls,
             errors=errors,
             rate=d_calls / elapsed if elapsed > 0 else 0.0,
+            demand_rate=d_own / elapsed if elapsed > 0 else 0.0,  # _remote adds the routed calls
             p50_ms=p50,
             p95_ms=p95,
             p99_ms=p99,
@@ -298,6 +330,28 @@ class TelemetryCollector:
             utilisation=util,
         )
         return fig, delta
+
+
+def _own_calls(stats: Any) -> int:
+    """Calls made by this device's own callers (an engine without the split: all of them)."""
+    return int(getattr(stats, "own_calls", stats.calls))
+
+
+def _routed(counters: Mapping[str, Any]) -> int:
+    """Routed calls that did not run on the local engine, from remote-inference counters."""
+    total = 0
+    for key in _ROUTED:
+        value = counters.get(key, 0)
+        if isinstance(value, int) and value >= 0:
+            total += value
+    return total
+
+
+def _recent_ms(window: Any, n: int) -> np.ndarray:
+    """The newest ``n`` samples of a window of seconds, as finite milliseconds >= 0."""
+    recent = _snapshot(window)[-n:] if n > 0 else []
+    ms = np.asarray(recent, dtype=np.float64) * 1e3
+    return ms[np.isfinite(ms) & (ms >= 0)]
 
 
 def _snapshot(window: Any) -> list[float]:

@@ -5,6 +5,14 @@ version's interpreters while the old one keeps serving, then replace one referen
 that already took the old reference finishes on the old version; the old interpreters are
 freed when the last such call returns. No lock is held while a model loads, so no call
 waits for a load.
+
+Per-model figures (``ModelStats``, read by telemetry): ``calls`` and ``errors``; for each
+successful call its end-to-end latency (input checks, the wait for a free interpreter, the
+run) in ``latencies_s`` and its service time in ``service_s`` -- only the time it held an
+interpreter, so waiting behind other calls is not in it (the placement planner adds
+queueing itself). Calls an executor node runs for other nodes go through ``for_peers()``:
+they count in ``calls`` (they use this engine) but not in ``own_calls``, the calls made by
+this device's own callers.
 """
 
 from __future__ import annotations
@@ -28,11 +36,18 @@ _LATENCY_WINDOW = 4096
 
 @dataclass
 class ModelStats:
-    """Per-model counters since the model name was first served (they survive swaps)."""
+    """Per-model counters since the model name was first served (they survive swaps).
+
+    ``calls``: successful calls; ``own_calls``: those not run for another node (see
+    ``Engine.for_peers``); ``errors``: calls refused for their inputs. The windows hold the
+    newest successful calls: ``latencies_s`` end to end, ``service_s`` only the time each
+    held its interpreter (appended together, so their tails are the same calls)."""
 
     calls: int = 0
     errors: int = 0
+    own_calls: int = 0
     latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=_LATENCY_WINDOW))
+    service_s: deque[float] = field(default_factory=lambda: deque(maxlen=_LATENCY_WINDOW))
 
     def percentiles(self) -> dict[str, float]:
         if not self.latencies_s:
@@ -58,9 +73,13 @@ class LoadedModel:
         return self.pool.signature
 
     def predict(self, inputs: Feeds, *, coerce: bool = False) -> dict[str, np.ndarray]:
+        return self.predict_timed(inputs, coerce=coerce)[0]
+
+    def predict_timed(self, inputs: Feeds, *, coerce: bool = False) -> tuple[dict[str, np.ndarray], float]:
+        """``predict``, and the seconds the call held an interpreter (``InterpreterPool.run_timed``)."""
         feeds = self.signature.feeds(inputs, coerce=coerce)
-        outs = self.pool.run(feeds)
-        return {spec.name: out for spec, out in zip(self.signature.outputs, outs)}
+        outs, held_s = self.pool.run_timed(feeds)
+        return {spec.name: out for spec, out in zip(self.signature.outputs, outs)}, held_s
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -182,9 +201,11 @@ class Engine:
         model = self.get(name)  # one reference read: this call stays on this version
         return model.version, self.predict_on(model, inputs, coerce=coerce)
 
-    def predict_on(self, model: LoadedModel, inputs: Feeds, *, coerce: bool = False) -> dict[str, np.ndarray]:
+    def predict_on(self, model: LoadedModel, inputs: Feeds, *, coerce: bool = False,
+                   for_peer: bool = False) -> dict[str, np.ndarray]:
         """Run on one version the caller already holds (several calls that must agree on
         the version, e.g. the chunks of one REST request, even if a swap lands between them).
+        ``for_peer``: the call is run for another node (not counted in ``own_calls``).
 
         Raises:
             InputError: the inputs do not match the model's signature.
@@ -192,10 +213,43 @@ class Engine:
         stats = self.stats(model.name)
         start = time.perf_counter()
         try:
-            out = model.predict(inputs, coerce=coerce)
+            out, held_s = model.predict_timed(inputs, coerce=coerce)
         except InputError:
             stats.errors += 1
             raise
+        latency_s = time.perf_counter() - start
+        stats.service_s.append(held_s)
+        stats.latencies_s.append(latency_s)
+        if not for_peer:
+            stats.own_calls += 1
         stats.calls += 1
-        stats.latencies_s.append(time.perf_counter() - start)
         return out
+
+    def for_peers(self) -> PeerEngine:
+        """This engine as an executor node uses it for other nodes' calls: the same models
+        and figures, but its calls are not this device's own (``ModelStats.own_calls``)."""
+        return PeerEngine(self)
+
+
+class PeerEngine:
+    """``Engine.for_peers()``: every attribute is the engine's, except that predictions
+    count as run for another node."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def predict_on(self, model: LoadedModel, inputs: Feeds, *, coerce: bool = False) -> dict[str, np.ndarray]:
+        """``Engine.predict_on`` for another node (see there)."""
+        return self.engine.predict_on(model, inputs, coerce=coerce, for_peer=True)
+
+    def predict_versioned(self, name: str, inputs: Feeds, *, coerce: bool = False) -> tuple[str, dict[str, np.ndarray]]:
+        """``Engine.predict_versioned`` for another node (see there)."""
+        model = self.engine.get(name)
+        return model.version, self.predict_on(model, inputs, coerce=coerce)
+
+    def predict(self, name: str, inputs: Feeds, *, coerce: bool = False) -> dict[str, np.ndarray]:
+        """``Engine.predict`` for another node (see there)."""
+        return self.predict_versioned(name, inputs, coerce=coerce)[1]

@@ -96,12 +96,20 @@ class InterpreterPool:
 
     def run(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Invoke on checked, ordered feeds; outputs are copies the caller owns."""
+        return self.run_timed(feeds)[0]
+
+    def run_timed(self, feeds: Sequence[np.ndarray]) -> tuple[list[np.ndarray], float]:
+        """``run``, and the seconds the call held its interpreter (set_tensor → invoke →
+        get_tensor): its service time. The wait for a free interpreter is not in it -- that
+        is queueing, which the placement planner's M/M/c model adds itself."""
         interp = self._acquire()
         try:
+            start = time.perf_counter()
             for idx, arr in zip(self._in_idx, feeds):
                 interp.set_tensor(idx, arr)
             interp.invoke()
-            return [interp.get_tensor(idx) for idx in self._out_idx]
+            outs = [interp.get_tensor(idx) for idx in self._out_idx]
+            return outs, time.perf_counter() - start
         finally:
             self._release(interp)
 

@@ -35,6 +35,9 @@ at our own minor an unknown field is ``malformed``. Signed bodies never drop any
 signed field we do not understand is ``malformed`` (``signed.Strict``). A minor version
 may only add optional fields; new enum values or changed meanings need a new major.
 
+    1.0   the first version
+    1.1   telemetry: ``ModelFigures.demand_rate`` (the calls a device's own API received)
+
 Errors:
 
     ProtocolError (ValueError)     .reason: malformed | too_large | unsupported_version
@@ -768,8 +771,9 @@ class SystemFigures(Part):
 class ModelFigures(Part):
     """One model's figures. Counters are cumulative since ``boot_id`` (so a controller
     takes differences and a lost message loses nothing); rates and percentiles cover the
-    last interval. ``service_ms`` (mean compute time) and ``utilisation`` (busy fraction of
-    the interpreter pool) feed the placement planner."""
+    last interval. ``service_ms`` (mean time a call held an interpreter, not counting the
+    wait for one), ``utilisation`` (busy fraction of the interpreter pool) and
+    ``demand_rate`` feed the placement planner."""
 
     version: Optional[Version] = None
     route: Route = LOCAL
@@ -777,6 +781,13 @@ class ModelFigures(Part):
     errors: Count = 0
     fallbacks: Count = 0
     rate: float = Field(default=0.0, ge=0)
+    # Since 1.1 (optional: absent from older agents, which a controller then reads the old
+    # way, from ``rate``): calls per second of the interval that this device's own local API
+    # (REST and fast path) received for the model, whatever served them -- the local engine,
+    # the executor at ``route`` (``forwarded``), a local fallback, or none (a forward
+    # failure). Calls it ran for other nodes (``served_for_peers``) are in ``rate``, not
+    # here; calls refused for their inputs are in neither.
+    demand_rate: Optional[float] = Field(default=None, ge=0)
     p50_ms: Optional[Millis] = None
     p95_ms: Optional[Millis] = None
     p99_ms: Optional[Millis] = None

@@ -20,7 +20,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.1"  # 1.1: ModelFigures.demand_rate (telemetry)
 SPEC_MAJOR = 1
 PAYLOAD_TYPES: dict[str, str] = {
     "root": "application/vnd.edgefleet.root+json",

@@ -132,7 +132,8 @@ def test_example_file_is_complete_and_valid(tmp_path: Path) -> None:
     for name, field in AgentConfig.model_fields.items():
         section = c._section(field.annotation)
         if section is None:
-            assert name in data, name
+            # cores: optional, detected when unset (a commented line, like quota_bytes)
+            assert name in data or name in {"cores"}, name
         else:
             missing = set(section.model_fields) - set(data[name]) - {"password", "quota_bytes", "backend"}
             assert not missing, (name, missing)
@@ -175,6 +176,11 @@ BAD: dict[str, tuple[str, Any, str, str]] = {
     "data dir is a file": ("data_dir", "@CA", "data_dir", "not a directory"),
     "reconnect max below initial": ("broker.reconnect_max_s", 0.5, "broker.reconnect_max_s", "below"),
     "missing device id": ("device_id", None, "device_id", "required"),
+    "cores zero": ("cores", 0, "cores", "greater than or equal to 1"),
+    "cores too many": ("cores", 5000, "cores", "less than or equal to 4096"),
+    "cores fractional": ("cores", 1.5, "cores", "valid integer"),
+    "cores a word": ("cores", "two", "cores", "valid integer"),
+    "cores a boolean": ("cores", True, "cores", "whole number of CPU cores"),
 }
 
 
@@ -314,3 +320,30 @@ def test_every_field_has_an_unambiguous_variable() -> None:
         for variable in (canonical, single):
             assert c._resolve(AgentConfig, variable[len(c.ENV_PREFIX):].lower()) == [path], variable
     assert c.env_name("api.rest_port") == "EDGE_RUNTIME_API__REST_PORT"
+
+
+# -- cores: what the birth reports to the placement planner -------------------------------------
+
+
+def test_cores_configured_else_detected(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, minimal(tmp_path)), env={})
+    assert cfg.cores is None and cfg.core_count(lambda: 6) == 6  # not set: detected
+    assert cfg.core_count(lambda: 0) == 1 and cfg.core_count(lambda: None) == 1  # never below 1
+    pinned = load_config(write(tmp_path, minimal(tmp_path) | {"cores": 2}), env={})
+    assert pinned.cores == 2 and pinned.core_count(lambda: 6) == 2
+    assert load_config(write(tmp_path, minimal(tmp_path)), env={"EDGE_RUNTIME_CORES": "3"}).core_count(lambda: 6) == 3
+    error = fails(write(tmp_path, minimal(tmp_path)), env={"EDGE_RUNTIME_CORES": "0"})
+    assert error.field == "cores" and "EDGE_RUNTIME_CORES (cores)" in str(error)
+
+
+def test_detected_cores_follow_the_affinity_mask() -> None:
+    """What taskset / systemd CPUAffinity= leave the process (the birth test in
+    tests/integration/test_placement_figures.py starts a node pinned to one CPU)."""
+    import os
+
+    from edge_runtime.agent.daemon import detect_cores
+
+    if not hasattr(os, "sched_getaffinity"):
+        assert detect_cores() == (os.cpu_count() or 1)
+        return
+    assert detect_cores() == len(os.sched_getaffinity(0)) >= 1

@@ -360,3 +360,95 @@ def test_a_failed_growth_is_retried_later_not_forever_capped(model_files: dict[s
         wait_until(lambda: model.pool.count == 2, what="a retried growth")
     for t in (blocked, waiter, third):
         t.join(10)
+
+
+# -- what the engine measures for placement ------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_service_ms_is_interpreter_time_while_latency_grows_with_the_queue(vision: tuple[Any, Path],
+                                                                         tmp_path: Path) -> None:
+    """N threads calling one interpreter at once: each call's latency includes its wait behind
+    the others, its service time does not (the planner's M/M/c model adds the queueing itself,
+    so a service time with the wait in it would count the queue twice). Ratios, not times: the
+    single-thread figure is measured before and after the contended run, and the queue makes
+    the median latency several service times long. Read through telemetry, as reported."""
+    from edge_runtime.agent.telemetry import TelemetryCollector
+
+    model, path = vision  # milliseconds per invoke: the interpreter's time dwarfs Python's
+    engine = Engine(pool_size=1)  # one interpreter: concurrent calls queue for it
+    engine.swap("vis", "1", path)
+    feeds = model.sample_inputs()
+    clock = _Clock()
+    collector = TelemetryCollector(engine, data_dir=tmp_path, device_id="d", clock=clock)
+
+    def interval(run: Any) -> Any:
+        run()
+        clock.now += 1.0
+        return collector.collect(0).models["vis"]
+
+    def alone() -> None:
+        for _ in range(6):
+            engine.predict("vis", feeds)
+
+    threads, rounds = 6, 6
+    barrier = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def caller() -> None:
+        try:
+            for _ in range(rounds):
+                barrier.wait(60)  # every round, all of them call at once
+                engine.predict("vis", feeds)
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+            barrier.abort()
+
+    def contended() -> None:
+        workers = [threading.Thread(target=caller) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(120)
+        assert not errors, errors[0]
+
+    before = interval(alone)
+    queued = interval(contended)
+    after = interval(alone)
+    assert engine.get("vis").pool.count == 1
+    single = max(before.service_ms or 0.0, after.service_ms or 0.0)
+    assert queued.service_ms is not None and queued.p50_ms is not None and single > 0
+    # Latency: the wait behind up to N-1 calls; the median is several service times.
+    assert queued.service_ms < 0.5 * queued.p50_ms, (queued, before, after)
+    # Service time: what one call costs, about what it costs alone (2x: a noisy shared CPU).
+    assert queued.service_ms < 2.0 * single, (queued, before, after)
+    # Utilisation is the busy fraction from the service time: 36 calls in the 1 s interval.
+    assert queued.utilisation == pytest.approx(queued.service_ms / 1e3 * threads * rounds)
+
+
+def test_engine_stats_split_own_calls_from_calls_run_for_peers(model_files: dict[str, Path],
+                                                               zoo: dict[str, Any]) -> None:
+    engine = Engine(pool_size=1)
+    loaded = engine.swap("tiny", "1", model_files["tiny_v1"])
+    feeds = zoo["tiny_v1"].sample_inputs()
+    peers = engine.for_peers()
+    for _ in range(3):
+        engine.predict("tiny", feeds)
+    peers.predict_on(loaded, feeds)
+    assert peers.predict_versioned("tiny", feeds)[0] == "1"
+    np.testing.assert_allclose(peers.predict("tiny", feeds)["y"], zoo["tiny_v1"].reference(feeds)["y"],
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError):
+        peers.predict("tiny", {"nope": feeds["x"]})
+    stats = engine.stats("tiny")
+    assert (stats.calls, stats.own_calls, stats.errors) == (6, 3, 1)
+    assert len(stats.latencies_s) == len(stats.service_s) == 6
+    assert all(0 < s <= t for s, t in zip(stats.service_s, stats.latencies_s))
+    assert peers.stats("tiny") is stats and peers.get("tiny") is loaded  # everything else is the engine's

@@ -49,6 +49,7 @@ def test_deltas_rate_percentiles(engine: Engine, zoo: dict[str, Any], tmp_path: 
     fig = t.models["tiny"]
     assert (fig.calls, fig.errors, fig.version) == (10, 1, "1")  # cumulative on the wire
     assert fig.rate == pytest.approx(3.5)
+    assert fig.demand_rate == pytest.approx(3.5)  # every call came from this device's own callers
     assert fig.p50_ms is not None and 0 < fig.p50_ms <= fig.p95_ms <= fig.p99_ms
     assert fig.service_ms is not None and fig.service_ms > 0
     assert fig.utilisation is not None and fig.utilisation >= 0
