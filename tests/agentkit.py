@@ -222,6 +222,28 @@ def write_config(
 # -- systemd notify -------------------------------------------------------------------------
 
 
+def serve_artifacts(stack: Any, broker_url: str, files: Iterable[PathLike], blob_dir: Path, *,
+                    client_id: str) -> tuple[MqttClient, Any]:
+    """The controller's side of model transfers for a test: ``files`` stored content-addressed
+    in ``blob_dir`` and served over MQTT by a real ``ArtifactService`` on a controller client
+    (connected; both stopped by ``stack``, a ``contextlib.ExitStack``). Returns both."""
+    from controller.artifact_service import ArtifactService, DirectoryLookup
+    from controller.artifacts import ArtifactServer
+
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        data = Path(path).read_bytes()
+        (blob_dir / hashlib.sha256(data).hexdigest()).write_bytes(data)
+    ctl = MqttClient(MqttConfig(url=broker_url, client_id=client_id, keepalive=5,
+                                reconnect_min_delay=0.1, reconnect_max_delay=1.0))
+    ctl.connect(timeout=10)
+    stack.callback(ctl.disconnect, timeout=5)
+    service = ArtifactService(ctl, ArtifactServer(DirectoryLookup(blob_dir)))
+    service.start()
+    stack.callback(service.stop)
+    return ctl, service
+
+
 class Notification(NamedTuple):
     """One datagram received on the notify socket, at ``at`` (``time.monotonic()``)."""
 

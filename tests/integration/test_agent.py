@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -30,16 +29,15 @@ from typing import Any, Optional
 import numpy as np
 import pytest
 
-from controller.artifact_service import ArtifactService, DirectoryLookup
-from controller.artifacts import ArtifactServer
+from controller.artifact_service import ArtifactService
 from edge_runtime.agent.commands import RESTART_EXIT_CODE
 from edge_runtime.commands import EX_CONFIG
-from edge_runtime.mqtt import MqttClient, MqttConfig
 from edge_runtime.protocol import messages, topics
 from edge_runtime.store.layout import StoreLayout
 from edge_runtime.protocol.trust_store import TrustStore
 from tests.agentkit import (
-    AgentProcess, Keys, NotifyListener, Observer, agent_command, command_doc, desired_doc, manifest_for, write_config,
+    AgentProcess, Keys, NotifyListener, Observer, agent_command, command_doc, desired_doc, manifest_for,
+    serve_artifacts, write_config,
 )
 from tests.helpers import free_port, runtime_cmd, wait_until
 from tests.netproxy import TcpProxy, _Link
@@ -157,21 +155,11 @@ def events(obs: Observer, step: Optional[str] = None, *, since: int = 0, **match
 def rig(broker: Any, tmp_path: Path, model_files: dict[str, Path], manifests: dict[str, dict[str, Any]],
         sample: tuple[np.ndarray, dict[str, np.ndarray]]) -> Iterator[Rig]:
     """A rig with the config written and the agent not started yet."""
-    blob_dir = tmp_path / "blobs"
-    blob_dir.mkdir()
-    for key in ("tiny_v1", "tiny_v2"):
-        data = model_files[key].read_bytes()
-        (blob_dir / hashlib.sha256(data).hexdigest()).write_bytes(data)
     with contextlib.ExitStack() as stack:
         short = Path(tempfile.mkdtemp(prefix="ef-agent-"))
         stack.callback(shutil.rmtree, short, True)
-        ctl = MqttClient(MqttConfig(url=broker.url, client_id="ctl-agent-test", keepalive=5,
-                                    reconnect_min_delay=0.1, reconnect_max_delay=1.0))
-        ctl.connect(timeout=10)
-        stack.callback(ctl.disconnect, timeout=5)
-        service = ArtifactService(ctl, ArtifactServer(DirectoryLookup(blob_dir)))
-        service.start()
-        stack.callback(service.stop)
+        ctl, service = serve_artifacts(stack, broker.url, [model_files["tiny_v1"], model_files["tiny_v2"]],
+                                       tmp_path / "blobs", client_id="ctl-agent-test")
         keys = Keys()
         notify = stack.enter_context(NotifyListener())
         obs = stack.enter_context(Observer(broker.url, DEVICE))

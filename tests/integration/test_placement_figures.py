@@ -12,7 +12,6 @@ Rates are per interval: summed over every sample (rate x the interval it covers,
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import sys
@@ -22,12 +21,11 @@ from typing import Any
 
 import pytest
 
-from controller.artifact_service import ArtifactService, DirectoryLookup
-from controller.artifacts import ArtifactServer
 from edge_runtime.api.client import FastPathClient
-from edge_runtime.mqtt import MqttClient, MqttConfig
 from edge_runtime.protocol import messages
-from tests.agentkit import AgentProcess, Keys, NotifyListener, Observer, desired_doc, manifest_for, write_config
+from tests.agentkit import (
+    AgentProcess, Keys, NotifyListener, Observer, desired_doc, manifest_for, serve_artifacts, write_config,
+)
 from tests.helpers import free_port
 
 DEVICE, NODE = "dev-p1", "cloud-p1"
@@ -52,21 +50,12 @@ def _birth(obs: Observer) -> messages.DeviceState:
 def test_demand_stays_with_the_source_and_births_carry_cores(amqtt_broker: Any, tmp_path: Path,
                                                              model_files: dict[str, Path], zoo: dict[str, Any]) -> None:
     path = model_files["tiny_v1"]
-    blob_dir = tmp_path / "blobs"
-    blob_dir.mkdir()
-    (blob_dir / hashlib.sha256(path.read_bytes()).hexdigest()).write_bytes(path.read_bytes())
     manifest = manifest_for(path, "tiny", "1")
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     with contextlib.ExitStack() as stack:
         short = Path(tempfile.mkdtemp(prefix="ef-figs-"))
         stack.callback(shutil.rmtree, short, True)
-        ctl = MqttClient(MqttConfig(url=amqtt_broker.url, client_id="ctl-figures-test", keepalive=5,
-                                    reconnect_min_delay=0.1, reconnect_max_delay=1.0))
-        ctl.connect(timeout=10)
-        stack.callback(ctl.disconnect, timeout=5)
-        service = ArtifactService(ctl, ArtifactServer(DirectoryLookup(blob_dir)))
-        service.start()
-        stack.callback(service.stop)
+        ctl, _ = serve_artifacts(stack, amqtt_broker.url, [path], tmp_path / "blobs", client_id="ctl-figures-test")
         root = Keys().write_root(tmp_path / "root.json")
         notify = stack.enter_context(NotifyListener())
         extras = {NODE: {"tier": "cloud"}, DEVICE: {"cores": 3, "remote": {"deadline_ms": 10_000}}}

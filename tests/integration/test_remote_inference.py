@@ -12,7 +12,6 @@ Every wait is a deadline poll on what the test can observe; no sleeps, no timed 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import tempfile
@@ -28,14 +27,11 @@ from typing import Any, Optional
 import numpy as np
 import pytest
 
-from controller.artifact_service import ArtifactService, DirectoryLookup
-from controller.artifacts import ArtifactServer
 from edge_runtime.api.client import FastPathClient
 from edge_runtime.errors import Busy, DeadlineExceeded, ExecutorUnreachable
-from edge_runtime.mqtt import MqttClient, MqttConfig
 from edge_runtime.protocol import messages
 from tests import trustkit
-from tests.agentkit import AgentProcess, Keys, NotifyListener, Observer, manifest_for, write_config
+from tests.agentkit import AgentProcess, Keys, NotifyListener, Observer, manifest_for, serve_artifacts, write_config
 from tests.helpers import free_port, wait_until
 
 DEVICE, NODE = "dev-r1", "cloud-1"
@@ -105,22 +101,12 @@ def pair(request: pytest.FixtureRequest, amqtt_broker: Any, tmp_path: Path, mode
     v2 = z.vision_net(seed=0, version_bias=0.5)
     files = {"tiny": model_files["tiny_v1"], "solo": model_files["tiny_v2"], "vis": vpath,
              "vsolo": v2.save(tmp_path / "vision_v2.tflite")}
-    blob_dir = tmp_path / "blobs"
-    blob_dir.mkdir()
-    for path in files.values():
-        data = path.read_bytes()
-        (blob_dir / hashlib.sha256(data).hexdigest()).write_bytes(data)
     manifests = {name: manifest_for(path, name, "1") for name, path in files.items()}
     with contextlib.ExitStack() as stack:
         short = Path(tempfile.mkdtemp(prefix="ef-remote-"))
         stack.callback(shutil.rmtree, short, True)
-        ctl = MqttClient(MqttConfig(url=amqtt_broker.url, client_id="ctl-remote-test", keepalive=5,
-                                    reconnect_min_delay=0.1, reconnect_max_delay=1.0))
-        ctl.connect(timeout=10)
-        stack.callback(ctl.disconnect, timeout=5)
-        service = ArtifactService(ctl, ArtifactServer(DirectoryLookup(blob_dir)))
-        service.start()
-        stack.callback(service.stop)
+        ctl, _ = serve_artifacts(stack, amqtt_broker.url, files.values(), tmp_path / "blobs",
+                                 client_id="ctl-remote-test")
         root = Keys().write_root(tmp_path / "root.json")
         notify = stack.enter_context(NotifyListener())
         runtimes = {}
