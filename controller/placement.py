@@ -59,7 +59,7 @@ Rounds until nothing moves, each in priority order:
 3. nodes over the utilisation target, highest first: their workloads, largest load first,
    until the node is back under target (``over_utilisation``);
 4. the peak (``peak_utilisation``), once per plan (``_lower_peak``): bisection for the
-   lowest level L (within 2% of the peak; 0.2% in a fleet of at most 64 nodes) such that
+   lowest level L (within 3% of the peak; 0.2% in a fleet of at most 64 nodes) such that
    every online node can be brought to utilisation <= L: from each node above L the fewest
    workloads that suffice are taken off and placed largest first, each on the candidate
    left least utilised that keeps every SLO. A small fleet also tries every node, and when
@@ -89,6 +89,7 @@ lowest p95 + ``move_cost_ms``), where "resulting peak" counts only above the cur
 from __future__ import annotations
 
 import dataclasses
+import gc
 import heapq
 import math
 from collections import defaultdict
@@ -129,7 +130,7 @@ _MAX_HEAP_SCAN = 24
 # Lowering the peak: the level is searched to this fraction of the peak (a small fleet can
 # afford a finer search), and a small fleet tries every node and these placement rules.
 _LEVEL_TOL_SMALL = 0.002
-_LEVEL_TOL_LARGE = 0.02
+_LEVEL_TOL_LARGE = 0.03
 _RULES = ("least_utilised", "most_utilised", "cheapest")
 _Q_IDLE = -math.log(0.05)  # q95 of an idle queue: one exponential service time
 _ALL_CANDIDATES_UP_TO = 64  # nodes: a fleet this small tries every node when lowering the peak
@@ -812,6 +813,18 @@ def plan(snapshot: Snapshot, policy: Policy = Policy()) -> Plan:
     """
     check_snapshot(snapshot)
     _check_policy(policy)
+    # Planning allocates millions of small tuples (heap entries) and frees none of them in
+    # cycles: the cyclic collector's passes over them are ~10% of a large plan, for nothing.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _plan(snapshot, policy)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _plan(snapshot: Snapshot, policy: Policy) -> Plan:
     before = _evaluate(snapshot, {}, policy)
     st = _State(snapshot, policy)
     moves: list[Move] = []
