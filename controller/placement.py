@@ -95,7 +95,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping, Optional
+from typing import Collection, Mapping, Optional
 
 __all__ = [
     "Node",
@@ -642,15 +642,21 @@ class _State:
         its SLO over it (inf when none)."""
         v = self._margin.get(node)
         if v is None:
-            v = math.inf
-            cur = self.q(node)
-            for k in self.members[node]:
-                w = self.work[k]
-                s = self.svc(node, w.model)
-                r = self.rtt(w.source, node)
-                if r + s * cur <= w.slo_ms:  # only those meeting it now are protected
-                    v = min(v, (w.slo_ms - r) / s)
-            self._margin[node] = v
+            v = self._margin[node] = self.margin_without(node, ())
+        return v
+
+    def margin_without(self, node: str, leaving: Collection[Key]) -> float:
+        """``margin`` over the workloads on ``node`` that are not in ``leaving`` (uncached)."""
+        v = math.inf
+        cur = self.q(node)
+        for k in self.members[node]:
+            if k in leaving:
+                continue
+            w = self.work[k]
+            s = self.svc(node, w.model)
+            r = self.rtt(w.source, node)
+            if r + s * cur <= w.slo_ms:  # only those meeting it now are protected
+                v = min(v, (w.slo_ms - r) / s)
         return v
 
     # -- heaps
@@ -784,18 +790,12 @@ class _State:
     ) -> Optional[tuple[float, float]]:
         """(utilisation after, p95 after) if ``to`` may take the workload with a p95 of at
         most ``limit`` and its utilisation stays within ``cap`` (default: the target), else None."""
+        u_after = self.util_with(key, to, leaving)
+        if u_after is None or u_after > (self.target if cap is None else min(cap, self.target)) * (1 - _EPS):
+            return None
         w = self.work[key]
         n = self.nodes[to]
-        if not n.online:
-            return None
-        if w.model not in self.model_count.get(to, ()) and (
-            self.mem[to] + self.models[w.model].memory_bytes > n.memory_bytes
-        ):
-            return None
         s = self.svc(to, w.model)
-        u_after = (self.load[to] - leaving + w.rate * s / 1000.0) / n.cores
-        if u_after > (self.target if cap is None else min(cap, self.target)) * (1 - _EPS):
-            return None
         r = self.rtt(w.source, to)
         if r + s * self.q(to) > limit:  # its p95 there is at least this, before it adds load
             return None
@@ -963,11 +963,16 @@ def _may_gain(st: _State, key: Key, min_gain: float) -> bool:
 
 
 
-def _record(st: _State, moves: list, frozen: set, key: Key, frm: str, to: str, reason: str, p_before: float) -> None:
+def _record(
+    st: _State, moves: list, frozen: set, key: Key, frm: str, to: str, reason: str, p_before: float,
+    p_after: Optional[float] = None,
+) -> None:
     """Add the move of ``key`` (already made) to ``moves``, or rewrite the Move of a workload
-    this plan moved before (from its original executor; back there drops it)."""
+    this plan moved before (from its original executor; back there drops it). ``p_after``:
+    the p95 predicted there (default: the state's, now)."""
     w = st.work[key]
-    p_after = st.p95(key)
+    if p_after is None:
+        p_after = st.p95(key)
     if key in frozen:
         i = next(i for i, m in enumerate(moves) if (m.model, m.source) == key)
         first = moves[i]
@@ -1122,7 +1127,7 @@ def _place(
     mem = {n: sum(st.models[m].memory_bytes for m in ms) for n, ms in loaded.items()}
     moving = set(order)
     # the tightest SLO bound (q95 units) of what stays on each node
-    bound = {n: _bound_of_fixed(st, n, moving) for n in st.nodes}
+    bound = {n: st.margin_without(n, moving) for n in st.nodes}
     placed: dict[Key, str] = {}
     for key in order:
         w = st.work[key]
@@ -1156,22 +1161,6 @@ def _place(
             mem[n] += mbytes
         placed[key] = n
     return placed
-
-
-def _bound_of_fixed(st: _State, node: str, moving: set) -> float:
-    """``_State.margin`` over the workloads on ``node`` that are not being placed again
-    (inf when none)."""
-    cur = st.q(node)
-    v = math.inf
-    for k in st.members[node]:
-        if k in moving:
-            continue
-        w = st.work[k]
-        s = st.svc(node, w.model)
-        r = st.rtt(w.source, node)
-        if r + s * cur <= w.slo_ms:
-            v = min(v, (w.slo_ms - r) / s)
-    return v
 
 
 def _lower_peak(st: _State, policy: Policy, movable, frozen: set, moves: list, budget: float) -> bool:
@@ -1334,16 +1323,6 @@ def _shave(st: _State, policy: Policy, movable, frozen: set, moves: list, budget
     if choice is None:
         return False
     (_, _, key, to), p_before, p_after = choice
-    w = st.work[key]
     st.move(key, to)
-    if key in frozen:
-        i = next(i for i, m in enumerate(moves) if (m.model, m.source) == key)
-        first = moves[i]
-        if first.from_node == to:
-            del moves[i]  # back where it started: no move at all
-        else:
-            moves[i] = dataclasses.replace(first, to_node=to, p95_after_ms=p_after)
-    else:
-        frozen.add(key)
-        moves.append(Move(w.model, w.source, node, to, "peak_utilisation", p_before, p_after))
+    _record(st, moves, frozen, key, node, to, "peak_utilisation", p_before, p_after)
     return True
