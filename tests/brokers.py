@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from controller.credentials import MOSQUITTO_TUNING
+from tests.helpers import free_port
 
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
@@ -41,10 +42,6 @@ _CONNECT = bytes([0x10, 0x11, 0x00, 0x04]) + b"MQTT" + bytes([0x04, 0x02, 0x00, 
 _DISCONNECT = bytes([0xE0, 0x00])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def mosquitto_binary() -> Optional[str]:
@@ -118,6 +115,10 @@ class _Broker:
         """
         if self.proc is not None and self.proc.poll() is None:
             raise BrokerError(f"{self.name} is already running")
+        with socket.socket() as s:
+            # Something else on the port would answer the probe below in this broker's place.
+            if s.connect_ex((self.host, self.port)) == 0:
+                raise BrokerError(f"port {self.port} is already taken: {self.name} cannot start on it")
         self.write_config()
         log = open(self.log_path, "ab")
         try:

@@ -26,7 +26,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,6 +33,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
+
+from tests.helpers import free_port
 
 SUPERUSER = "postgres"
 RUN_AS = "nobody"  # when we are root
@@ -67,10 +68,6 @@ def pg_bin_dir() -> Optional[str]:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PgCluster:

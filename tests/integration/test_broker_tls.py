@@ -48,7 +48,7 @@ from edge_runtime.mqtt import Message, MqttClient, MqttConfig
 from edge_runtime.protocol import topics
 from tests.brokers import _Broker, mosquitto_binary
 from tests.fleetkit import ControllerProcess, DeviceFleet, make_keys, push_model
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 
 WAIT = 10.0
 DEVICES = ("dev-1", "dev-2")
@@ -133,7 +133,7 @@ class TlsBroker(_Broker):
 
 
 def mosquitto_tls(pki: Pki, workdir: Path) -> TlsBroker:
-    port = _free_port()
+    port = free_port()
     out = workdir / "conf"
     cert, key = pki.certs["broker"]
     # As root Mosquitto switches to "mosquitto", which cannot read a private temp dir.
@@ -146,18 +146,12 @@ def mosquitto_tls(pki: Pki, workdir: Path) -> TlsBroker:
 
 
 def amqtt_tls(pki: Pki, workdir: Path) -> TlsBroker:
-    port = _free_port()
+    port = free_port()
     cert, key = pki.certs["broker"]
     argv = [sys.executable, "-m", "controller.cli", "broker", "--users", str(pki.users), "-v",
             "--tls-ca", str(pki.ca_file), "--tls-cert", str(cert), "--tls-key", str(key),
             "--bind-tls", f"127.0.0.1:{port}"]
     return TlsBroker("amqtt", argv, pki, port=port, workdir=workdir)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module", params=["amqtt", "mosquitto"])
