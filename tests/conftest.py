@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,13 @@ from tests.brokers import amqtt_broker, broker, mosquitto_broker  # noqa: F401 -
 from tests.helpers import free_port, runtime_cmd, wait_until  # noqa: F401 - re-exported for tests
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests stop the demo and amqtt with SIGINT, as Ctrl-C does. A suite started in the
+# background of a non-interactive shell (``make test &``) inherits SIGINT ignored, and an
+# ignored signal stays ignored across exec: those processes would never see it. Python's
+# own handler is reset to the default in every child, so installing it here is enough.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # The legacy venv is a device's environment (tflite-runtime, NumPy < 2) without the
