@@ -46,6 +46,9 @@ amqtt 0.12.1 specifics, worked around here:
   a QoS 1 PUBACK before it routes the message and stores retained messages from a
   background task: a clean stop waits for the store, a ``kill -9`` right after a PUBACK
   can lose it. The controller re-publishes desired state on (re)connect for this reason.
+* amqtt opens its port before it restores retained messages and sessions: a client
+  reconnecting at once missed its retained desired state. ``FleetBroker`` opens the port
+  once the restore is done (20,000 retained messages: a second or two of start-up).
 
 CLI (``fleetctl broker`` runs the broker; the others are subcommands):
 
@@ -422,6 +425,27 @@ class FleetBroker(Broker):  # type: ignore[misc,valid-type]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._subscriptions = _SubscriptionTable(self._subscriptions)
+        self._listen_now = False
+
+    async def start(self) -> None:
+        """amqtt's start, listening only once the persisted state is back.
+
+        amqtt 0.12.1 opens its listeners first and restores retained messages and sessions
+        after (``POST_START``). A device reconnecting to a restarted broker in between
+        subscribed to its desired-state topic before the retained message was restored,
+        and never got it (seen in CI); a persistent client in that window made the restore
+        itself fail ("shouldn't have any sessions yet"). Here the restore runs first.
+
+        Raises:
+            OSError: an address cannot be bound (the broker is started: shut it down).
+        """
+        await super().start()  # _start_listeners below is a no-op during this
+        self._listen_now = True
+        await self._start_listeners()
+
+    async def _start_listeners(self) -> None:
+        if self._listen_now:
+            await super()._start_listeners()
 
     async def shutdown(self) -> None:
         """A clean stop first lets plugin events still running finish: amqtt 0.12.1 fires

@@ -413,3 +413,56 @@ def test_embedded_broker_keeps_retained_desired_state_across_a_restart(tmp_path:
             dev.close()
     finally:
         broker.close()
+
+
+def test_a_restarted_broker_listens_only_once_retained_messages_are_restored(tmp_path: Path) -> None:
+    """A device reconnecting the moment a restarted broker answers still gets its desired
+    state: amqtt restored retained messages only after it had opened its port, and a
+    subscription made in between missed them. With a fleet's worth of retained messages
+    in the database (20,000, dev-1's restored last), that window is wide."""
+    pytest.importorskip("aiosqlite", reason="amqtt's SQLite persistence needs aiosqlite")
+    import sqlite3
+
+    users = make_users(tmp_path / "users.json")
+    broker = FleetctlBroker(users=users, data=tmp_path / "data", workdir=tmp_path / "b")
+    broker.workdir.mkdir()
+    try:
+        broker.start()
+        broker.stop()  # the first start created amqtt's tables
+        db = sqlite3.connect(tmp_path / "data" / "broker.sqlite")
+        with db:
+            db.executemany("INSERT INTO stored_messages (topic, data, qos) VALUES (?, ?, 1)",
+                           ((topics.desired(f"other-{i}"), b"generation-1") for i in range(20_000)))
+            db.execute("INSERT INTO stored_messages (topic, data, qos) VALUES (?, ?, 1)",
+                       (topics.desired("dev-1"), b"generation-7"))
+        db.close()
+
+        broker.start()  # returns as soon as the port answers a CONNECT
+        dev = Recorder(broker, "dev-1", "dev-1")
+        try:
+            assert dev.subscribe(topics.desired("dev-1"))
+            msg = dev.wait_for(topics.desired("dev-1"), b"generation-7")
+            assert msg.retain
+        finally:
+            dev.close()
+    finally:
+        broker.close()
+
+
+def test_a_broker_that_cannot_bind_says_so_in_one_line(tmp_path: Path) -> None:
+    """Binding fails after amqtt has started (listeners open last): the CLI still answers
+    with its one-line error and exit 1, and the started broker is shut down."""
+    import socket
+    import subprocess
+
+    users = make_users(tmp_path / "users.json")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "controller.cli", "broker", "--bind", f"127.0.0.1:{port}",
+                               "--users", str(users), "--data", str(tmp_path / "data")],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert f"fleetctl broker: cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
