@@ -828,7 +828,8 @@ def _plan(snapshot: Snapshot, policy: Policy) -> Plan:
     before = _evaluate(snapshot, {}, policy)
     st = _State(snapshot, policy)
     moves: list[Move] = []
-    frozen: set[Key] = set()  # moved in this plan
+    frozen: set[Key] = set()  # moved in this plan: its Move is in ``moves``
+    returned: set[Key] = set()  # moved and then back home: no Move, but moved for good
     budget = policy.max_moves if policy.max_moves is not None else math.inf
     # a latency-only move must beat min_gain and its own cost, and gain something (None: off)
     min_gain = st.min_gain
@@ -839,7 +840,7 @@ def _plan(snapshot: Snapshot, policy: Policy) -> Plan:
 
 
     def movable(key: Key) -> bool:
-        if key in frozen or key not in st.active:
+        if key in frozen or key in returned or key not in st.active:
             return False
         if not st.nodes[st.exec[key]].online:
             return True  # an offline executor overrides the cooldown
@@ -895,7 +896,9 @@ def _plan(snapshot: Snapshot, policy: Policy) -> Plan:
         return True
 
     peak_done = False
-    while True:  # to a fixpoint; ends, as a workload moves at most once per plan
+    while True:  # to a fixpoint. It ends: steps 1-3 and 5 move a workload at most once per plan
+        # (one moved for the peak and back home stays put, see _record), and each peak move
+        # lowers the sorted utilisations, of which a finite fleet has finitely many.
         n_before = st.moves_made
         # 1. offline executors
         for key in sorted(k for k in st.active if not st.nodes[st.exec[k]].online):
@@ -922,11 +925,11 @@ def _plan(snapshot: Snapshot, policy: Policy) -> Plan:
         # 4. lower the peak: the lowest level every node can be brought to, then single moves
         if policy.peak_gain is not None and not peak_done:
             peak_done = True
-            while _lower_peak(st, policy, movable, frozen, moves, budget):
+            while _lower_peak(st, policy, movable, frozen, returned, moves, budget):
                 pass  # again from where it got to: a greedy level search is not monotone
         if policy.peak_gain is not None:
             cap = 4 * len(st.work) + 16  # a backstop: each shave lowers the sorted loads
-            while cap > 0 and _shave(st, policy, movable, frozen, moves, budget):
+            while cap > 0 and _shave(st, policy, movable, frozen, returned, moves, budget):
                 cap -= 1
         # 5. latency gains that do not raise the peak
         for key in sorted(k for n in st.nodes for k in st.scan(n)[1]):
@@ -964,12 +967,14 @@ def _may_gain(st: _State, key: Key, min_gain: float) -> bool:
 
 
 def _record(
-    st: _State, moves: list, frozen: set, key: Key, frm: str, to: str, reason: str, p_before: float,
+    st: _State, moves: list, frozen: set, returned: set, key: Key, frm: str, to: str, reason: str, p_before: float,
     p_after: Optional[float] = None,
 ) -> None:
     """Add the move of ``key`` (already made) to ``moves``, or rewrite the Move of a workload
-    this plan moved before (from its original executor; back there drops it). ``p_after``:
-    the p95 predicted there (default: the state's, now)."""
+    this plan moved before (from its original executor). Back there drops its Move and puts
+    it in ``returned``: the plan's other steps must not move it again, or a step that moves
+    it out and a peak move that brings it back would cycle (seen: a plan that never ended).
+    ``p_after``: the p95 predicted there (default: the state's, now)."""
     w = st.work[key]
     if p_after is None:
         p_after = st.p95(key)
@@ -979,9 +984,10 @@ def _record(
         if first.from_node == to:
             del moves[i]
             frozen.discard(key)
+            returned.add(key)
         else:
             moves[i] = dataclasses.replace(first, to_node=to, p95_after_ms=p_after)
-    else:
+    elif frm != to:
         frozen.add(key)
         moves.append(Move(w.model, w.source, frm, to, reason, p_before, p_after))
 
@@ -1163,7 +1169,7 @@ def _place(
     return placed
 
 
-def _lower_peak(st: _State, policy: Policy, movable, frozen: set, moves: list, budget: float) -> bool:
+def _lower_peak(st: _State, policy: Policy, movable, frozen: set, returned: set, moves: list, budget: float) -> bool:
     """Step 4: the lowest utilisation level every online node can be brought to, found by
     bisection (to ``_LEVEL_TOL_*`` of the peak) from ``peak - peak_gain`` down, each level
     tried by ``_repack`` (and in a small fleet ``_repack_all``, then ``_polish``). Nothing
@@ -1222,7 +1228,7 @@ def _lower_peak(st: _State, policy: Policy, movable, frozen: set, moves: list, b
     for key, frm, _ in best:
         first.setdefault(key, frm)
     for key, frm in first.items():
-        _record(st, moves, frozen, key, frm, st.exec[key], "peak_utilisation", p_before[key])
+        _record(st, moves, frozen, returned, key, frm, st.exec[key], "peak_utilisation", p_before[key])
     return st.peak() < peak - policy.peak_gain / 2  # it got lower: worth another search
 
 
@@ -1284,7 +1290,7 @@ def _polish(st: _State, may_move, within_budget, p_first: dict[Key, float]) -> l
     return done
 
 
-def _shave(st: _State, policy: Policy, movable, frozen: set, moves: list, budget: float) -> bool:
+def _shave(st: _State, policy: Policy, movable, frozen: set, returned: set, moves: list, budget: float) -> bool:
     """One peak move: the workload of the busiest node and the candidate that bring the
     pair's higher utilisation lowest, if that is at least ``peak_gain`` below the peak and no
     workload gains a violation. A workload this plan already moved may move on (its Move is
@@ -1324,5 +1330,5 @@ def _shave(st: _State, policy: Policy, movable, frozen: set, moves: list, budget
         return False
     (_, _, key, to), p_before, p_after = choice
     st.move(key, to)
-    _record(st, moves, frozen, key, node, to, "peak_utilisation", p_before, p_after)
+    _record(st, moves, frozen, returned, key, node, to, "peak_utilisation", p_before, p_after)
     return True

@@ -351,7 +351,7 @@ def one_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("one_broker", [_DEFAULT_KIND, pytest.param(_OTHER_KIND, marks=[slow, needs_slow])],
                          indirect=True)
-def test_every_telemetry_seq_arrives_once_and_in_order_across_a_30s_outage(one_broker, tmp_path):
+def test_every_telemetry_seq_arrives_in_order_without_loss_across_a_30s_outage(one_broker, tmp_path):
     """The agent reaches the broker through a proxy that is cut for 30 s; the observer is
     connected straight to the broker. Runs on one broker in ``make test`` (Mosquitto when
     installed, else amqtt) and on both under ``EDGEFLEET_SLOW=1``."""
@@ -376,9 +376,15 @@ def test_every_telemetry_seq_arrives_once_and_in_order_across_a_30s_outage(one_b
                          what=f"telemetry past seq {cut_seq} + {OUTAGE_S:g}")
             seqs = [t.seq for t in obs.telemetry]
             assert agent.terminate() == 0
-    dupes = sorted(s for s, n in Counter(seqs).items() if n > 1)
-    assert not dupes, f"telemetry seqs delivered twice: {dupes}"
-    assert seqs == sorted(set(seqs)), f"telemetry out of order: {seqs}"
+    # QoS 1 is at least once: a report the broker took but whose PUBACK the cut lost is sent
+    # again after the outage (the controller stores each (device, seq) once). So a seq may
+    # come twice only if it was in flight at the cut, and its second copy is that re-send.
+    counts = Counter(seqs)
+    dupes = sorted(s for s, n in counts.items() if n > 1)
+    assert all(cut_seq - 2 <= s <= cut_seq + 2 and counts[s] == 2 for s in dupes), \
+        f"telemetry seqs delivered twice that were not in flight at the cut (seq {cut_seq}): {dupes}"
+    first = list(dict.fromkeys(seqs))
+    assert first == sorted(first), f"telemetry out of order: {seqs}"
     gaps = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
     assert not gaps, f"telemetry seqs lost: {gaps}"
     assert seqs[-1] - seqs[0] >= OUTAGE_S + 3
