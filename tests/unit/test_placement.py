@@ -341,6 +341,28 @@ def test_peak_is_shaved_when_that_lowers_it_by_peak_gain():
     assert len(pl.plan(small, Policy(peak_gain=0.005)).moves) == 1
 
 
+@pytest.mark.timeout(60)
+def test_a_workload_the_peak_step_brings_home_stays_there():
+    """The plan that never ended (found by the property test in CI): x moves to c1 for
+    latency, which puts c1 a hair (float rounding: 0.1 + 0.2) above p1, the peak; the peak
+    step brings x home, and x was then free to move for latency again, forever."""
+    s = Snapshot(
+        nodes=(Node("e1", "edge", 8, 100 * MB), Node("c1", "cloud", 1, 100 * MB), Node("p1", "edge", 1, 100 * MB),
+               Node("e2", "edge", 1, MB // 2)),  # e2: the source of z, too small to run x
+        models={"x": Model("x", MB, 200.0), "y": Model("y", MB, 300.0), "z": Model("z", MB, 100.0)},
+        workloads=(Workload("x", "e1", 1.0, 10_000.0, "e1"), Workload("y", "p1", 1.0, 10_000.0, "p1"),
+                   Workload("z", "e2", 1.0, 10_000.0, "c1")),
+        service_ms={("e1", "x"): 1000.0, ("c1", "x"): 200.0, ("p1", "y"): 300.0, ("c1", "z"): 100.0},
+        last_moved={("y", "p1"): 9_990.0, ("z", "e2"): 9_990.0},  # y and z are cooling down: they stay
+        now=10_000.0,
+    )
+    policy = Policy(min_gain_ms=5.0, peak_gain=0.05)
+    p = pl.plan(s, policy)
+    assert p.moves == ()  # x went and came back: no Move, and no second trip
+    assert p.assignment[("x", "e1")] == "e1"
+    assert p.peak_utilisation_after == pytest.approx(0.3)
+
+
 def test_memory_is_never_exceeded_and_a_loaded_model_is_shared():
     # c1 has room only for the model it already runs; c2 has no room at all
     s = snap(
