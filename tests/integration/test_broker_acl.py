@@ -12,6 +12,7 @@ denies every ACL check to a client id with ``+``/``#``), each case says so.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import signal
@@ -384,12 +385,29 @@ def test_console_reads_the_fleet_but_cannot_steer_it(f: Fleet) -> None:
 # -- amqtt only: the embedded broker's own promises ---------------------------------------
 
 
-def test_embedded_broker_keeps_retained_desired_state_across_a_restart(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _persisting_broker(tmp_path: Path) -> Iterator[FleetctlBroker]:
+    """``fleetctl broker --data`` (not started), closed at the end."""
     pytest.importorskip("aiosqlite", reason="amqtt's SQLite persistence needs aiosqlite")
-    users = make_users(tmp_path / "users.json")
-    broker = FleetctlBroker(users=users, data=tmp_path / "data", workdir=tmp_path / "b")
+    broker = FleetctlBroker(users=make_users(tmp_path / "users.json"), data=tmp_path / "data", workdir=tmp_path / "b")
     broker.workdir.mkdir()
     try:
+        yield broker
+    finally:
+        broker.close()
+
+
+def _dev1_gets_retained(broker: _Broker, payload: bytes) -> None:
+    dev = Recorder(broker, "dev-1", "dev-1")
+    try:
+        assert dev.subscribe(topics.desired("dev-1"))
+        assert dev.wait_for(topics.desired("dev-1"), payload).retain
+    finally:
+        dev.close()
+
+
+def test_embedded_broker_keeps_retained_desired_state_across_a_restart(tmp_path: Path) -> None:
+    with _persisting_broker(tmp_path) as broker:
         broker.start()
         ctl = Recorder(broker, "ctl", "ctl-1")
         assert ctl.subscribe(topics.desired("dev-1"))
@@ -404,15 +422,7 @@ def test_embedded_broker_keeps_retained_desired_state_across_a_restart(tmp_path:
         assert (tmp_path / "data" / "broker.sqlite").exists()
 
         broker.start()
-        dev = Recorder(broker, "dev-1", "dev-1")
-        try:
-            assert dev.subscribe(topics.desired("dev-1"))
-            msg = dev.wait_for(topics.desired("dev-1"), b"generation-7")
-            assert msg.retain
-        finally:
-            dev.close()
-    finally:
-        broker.close()
+        _dev1_gets_retained(broker, b"generation-7")
 
 
 def test_a_restarted_broker_listens_only_once_retained_messages_are_restored(tmp_path: Path) -> None:
@@ -420,13 +430,9 @@ def test_a_restarted_broker_listens_only_once_retained_messages_are_restored(tmp
     state: amqtt restored retained messages only after it had opened its port, and a
     subscription made in between missed them. With a fleet's worth of retained messages
     in the database (20,000, dev-1's restored last), that window is wide."""
-    pytest.importorskip("aiosqlite", reason="amqtt's SQLite persistence needs aiosqlite")
     import sqlite3
 
-    users = make_users(tmp_path / "users.json")
-    broker = FleetctlBroker(users=users, data=tmp_path / "data", workdir=tmp_path / "b")
-    broker.workdir.mkdir()
-    try:
+    with _persisting_broker(tmp_path) as broker:
         broker.start()
         broker.stop()  # the first start created amqtt's tables
         db = sqlite3.connect(tmp_path / "data" / "broker.sqlite")
@@ -438,15 +444,7 @@ def test_a_restarted_broker_listens_only_once_retained_messages_are_restored(tmp
         db.close()
 
         broker.start()  # returns as soon as the port answers a CONNECT
-        dev = Recorder(broker, "dev-1", "dev-1")
-        try:
-            assert dev.subscribe(topics.desired("dev-1"))
-            msg = dev.wait_for(topics.desired("dev-1"), b"generation-7")
-            assert msg.retain
-        finally:
-            dev.close()
-    finally:
-        broker.close()
+        _dev1_gets_retained(broker, b"generation-7")
 
 
 def test_a_broker_that_cannot_bind_says_so_in_one_line(tmp_path: Path) -> None:
