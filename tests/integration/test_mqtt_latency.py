@@ -13,16 +13,15 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("paho.mqtt", reason="paho-mqtt is not installed in this venv")
 
-from edge_runtime.mqtt import MqttClient, MqttConfig  # noqa: E402
 from tests.brokers import amqtt_broker, broker, mosquitto_broker  # noqa: E402,F401 - fixtures
 from tests.helpers import wait_until  # noqa: E402
+from tests.integration.test_mqtt import client, clients  # noqa: E402,F401 - the client factory and its fixture
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc to find the sockets")
 
@@ -50,26 +49,9 @@ def sockets_to(port: int) -> dict[tuple[str, int], int]:
     return found
 
 
-@pytest.fixture
-def clients() -> Iterator[list[MqttClient]]:
-    made: list[MqttClient] = []
-    yield made
-    for c in made:
-        c.disconnect(timeout=5)
-
-
-def make_client(broker, made: list[MqttClient], **cfg) -> MqttClient:
-    cfg.setdefault("reconnect_min_delay", 0.05)
-    cfg.setdefault("reconnect_max_delay", 0.3)
-    cfg.setdefault("keepalive", 5)
-    c = MqttClient(MqttConfig(url=broker.url, **cfg))
-    made.append(c)
-    return c
-
-
 def test_a_connected_client_has_nagle_off(broker, clients):
     assert sockets_to(broker.port) == {}
-    c = make_client(broker, clients, client_id="caller")
+    c = client(broker, clients, connect=False, client_id="caller")
     c.connect(timeout=5)
     socks = sockets_to(broker.port)
     assert len(socks) == 1
@@ -77,14 +59,14 @@ def test_a_connected_client_has_nagle_off(broker, clients):
 
 
 def test_a_client_started_in_the_background_has_nagle_off(broker, clients):
-    c = make_client(broker, clients, client_id="node")
+    c = client(broker, clients, connect=False, client_id="node")
     c.start()
     assert c.wait_connected(5)
     assert list(sockets_to(broker.port).values()) == [1]
 
 
 def test_the_socket_of_a_reconnect_has_nagle_off_too(broker, clients):
-    c = make_client(broker, clients, client_id="dev-1")
+    c = client(broker, clients, connect=False, client_id="dev-1")
     c.connect(timeout=5)
     (first,) = sockets_to(broker.port)
     broker.restart()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from controller.fleet_snapshot import build_snapshot
-from controller.store import Assignment, ReleaseRecord, Store
+from controller.store import Assignment, Store
 from edge_runtime.agent.remote import RemoteCaller, RemoteSettings, merge_figures
 from edge_runtime.agent.serving_node import ServingNode
 from edge_runtime.agent.telemetry import TelemetryCollector
@@ -26,6 +26,7 @@ from edge_runtime.engine import Engine
 from edge_runtime.errors import ExecutorUnreachable
 from edge_runtime.protocol import messages, topics
 from tests.agentkit import manifest_for
+from tests.storekit import add_kws_release
 
 DEV, NODE = "dev-1", "node-1"
 
@@ -210,12 +211,7 @@ def _telemetry(store: Store, device: str, seq: int, figures: dict[str, dict[str,
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     s = Store.open(f"sqlite:///{tmp_path / 'c.db'}")
-    sig = {"inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
-           "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 2]}]}
-    s.add_release(ReleaseRecord(model="kws", version=V, sha256="ab" * 32, size=5000,
-                                manifest={"name": "kws", "version": V, "sha256": "ab" * 32, "size": 5000,
-                                          "signature": sig},
-                                envelope="{}", created_at=T0, created_by="t"))
+    add_kws_release(s, V, created_at=T0)
     yield s
     s.close()
 

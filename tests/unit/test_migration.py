@@ -295,8 +295,9 @@ def test_every_run_ends_final_once_time_passes_every_deadline(record: MigrationR
 
 from controller.fleet_snapshot import Rebalancer, build_snapshot  # noqa: E402
 from controller.migrations import MigrationDriver  # noqa: E402
-from controller.store import Assignment, ReleaseRecord, Store  # noqa: E402
+from controller.store import Assignment, Store  # noqa: E402
 from edge_runtime.protocol import messages as msg  # noqa: E402
+from tests.storekit import add_kws_release  # noqa: E402
 
 
 class Clock:
@@ -319,12 +320,7 @@ def _state(store: Store, device: str, *, tier: str = "edge", models: Optional[di
 @pytest.fixture
 def fleet(tmp_path: Any) -> Any:
     store = Store.open(f"sqlite:///{tmp_path / 'c.db'}")
-    sig = {"inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
-           "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 2]}]}
-    store.add_release(ReleaseRecord(model="kws", version=V, sha256="ab" * 32, size=5000,
-                                    manifest={"name": "kws", "version": V, "sha256": "ab" * 32, "size": 5000,
-                                              "signature": sig},
-                                    envelope="{}", created_at=T0, created_by="t"))
+    add_kws_release(store, V, created_at=T0)
     _state(store, "cam", models={"kws": (V, "local")})
     _state(store, "cloud", tier="cloud", cores=16)
     store.set_assignments({"cam": {"kws": Assignment("cam", "kws", V)}}, now=T0)
